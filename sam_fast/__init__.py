@@ -1,0 +1,10 @@
+"""sam_fast: fast Sharpness-Aware Minimization (SAM, ASAM, USAM, SAMPa) for PyTorch."""
+
+from . import backends as _backends  # noqa: F401  (registers the backends)
+from . import ops
+from ._version import __version__
+from .dispatch import registered_backends
+from .sam import SAM
+from .sampa import SAMPa
+
+__all__ = ["SAM", "SAMPa", "ops", "registered_backends", "__version__"]

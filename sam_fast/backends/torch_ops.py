@@ -1,0 +1,366 @@
+"""The ``torch`` backend: every op of DESIGN.md section 3 with ``torch._foreach_*``.
+
+This is the executable specification the fused kernels are tested against, so
+it favours clarity over the last byte of traffic. Each function receives one
+group of tensors that share a device and a dtype (the public ops in
+:mod:`sam_fast.ops` group and validate) and never reads a device value on the
+host: scalars that depend on device results arrive as 0-dim tensors.
+
+Storage may be fp32, fp64, bf16 or fp16; the math runs in fp32 (fp64 for fp64
+storage) and the result is rounded to the storage dtype once. For fp32
+storage the optimizer steps use the same foreach calls, in the same order, as
+``torch.optim.SGD`` / ``Adam`` (foreach implementation), so they agree with
+them bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+TensorList = Sequence[Tensor]
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _widen(tensors: TensorList) -> list[Tensor]:
+    """The tensors in their math dtype; fp32/fp64 tensors are returned as they are."""
+    return [t if t.dtype == _math_dtype(t.dtype) else t.to(_math_dtype(t.dtype)) for t in tensors]
+
+
+def _commit(dst: TensorList, new: TensorList, skip: Tensor | None) -> None:
+    """dst <- new, or dst unchanged where ``skip`` (a 0-dim bool tensor) is set."""
+    if skip is None:
+        torch._foreach_copy_(list(dst), list(new))
+        return
+    for d, n in zip(dst, new):
+        d.copy_(torch.where(skip, d, n.to(d.dtype)))
+
+
+def _skip_flag(found_inf: Tensor | None, device: torch.device) -> Tensor | None:
+    if found_inf is None:
+        return None
+    return found_inf.to(device=device, non_blocking=True) != 0
+
+
+def _unscale(grads: list[Tensor], grad_scale: Tensor | None) -> list[Tensor]:
+    if grad_scale is None:
+        return grads
+    inv = torch.reciprocal(grad_scale.to(device=grads[0].device, dtype=grads[0].dtype))
+    return torch._foreach_mul(grads, inv)
+
+
+def grad_sumsq(grads: TensorList, params: TensorList | None = None, eta: float = 0.0) -> Tensor:
+    """Sum of squares of ``g`` (or of ``(|w| + eta) * g`` when params are given), fp32."""
+    if len(grads) == 0:
+        raise ValueError("grad_sumsq needs at least one tensor")
+    acc = _math_dtype(grads[0].dtype)
+    if params is None:
+        partial = torch._foreach_powsum(list(grads), 2, dtype=acc)
+    else:
+        weights = torch._foreach_abs(_widen(params))
+        if eta != 0.0:
+            torch._foreach_add_(weights, eta)
+        weighted = torch._foreach_mul(weights, _widen(grads))
+        partial = torch._foreach_powsum(weighted, 2, dtype=acc)
+    return torch.stack(partial).sum()
+
+
+def _perturbation(
+    params: TensorList, grads: TensorList, scale: Tensor, eta: float | None
+) -> list[Tensor]:
+    """e = scale * g (SAM, USAM) or scale * (|w| + eta)^2 * g (ASAM), exactly 0 where scale == 0."""
+    g = _widen(grads)
+    if eta is None:
+        e = torch._foreach_mul(g, scale)
+    else:
+        weights = torch._foreach_abs(_widen(params))
+        if eta != 0.0:
+            torch._foreach_add_(weights, eta)
+        e = torch._foreach_mul(weights, weights)
+        torch._foreach_mul_(e, g)
+        torch._foreach_mul_(e, scale)
+    # scale == 0 marks a skipped step (non-finite norm): 0 * inf would be NaN.
+    keep = scale != 0
+    return [torch.where(keep, t, 0.0) for t in e]
+
+
+def perturb_(
+    params: TensorList,
+    grads: TensorList,
+    backups: TensorList,
+    scale: Tensor,
+    eta: float | None = None,
+) -> None:
+    """backups <- w;  w <- w + e(w, g, scale)."""
+    e = _perturbation(params, grads, scale, eta)
+    torch._foreach_copy_(list(backups), list(params))
+    moved = torch._foreach_add(_widen(params), e)
+    torch._foreach_copy_(list(params), moved)
+
+
+def restore_(params: TensorList, backups: TensorList) -> None:
+    """w <- backup, bit for bit."""
+    torch._foreach_copy_(list(params), list(backups))
+
+
+def _sgd_direction(
+    x: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor] | None,
+    *,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    init_buffers: bool,
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """The direction ``d`` of ``torch.optim.SGD`` and the new momentum buffers (not written)."""
+    d = torch._foreach_neg(grads) if maximize else grads
+    if weight_decay != 0:
+        d = torch._foreach_add(d, x, alpha=weight_decay)
+    if momentum == 0:
+        return d, None
+    if init_buffers:
+        new_bufs = [t.clone() for t in d]
+    else:
+        new_bufs = torch._foreach_mul(bufs, momentum)
+        torch._foreach_add_(new_bufs, d, alpha=1 - dampening)
+    if nesterov:
+        d = torch._foreach_add(d, new_bufs, alpha=momentum)
+    else:
+        d = new_bufs
+    return d, new_bufs
+
+
+def restore_sgd_(
+    params: TensorList,
+    backups: TensorList,
+    grads: TensorList,
+    momentum_buffers: TensorList | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    init_buffers: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """w <- backup, then one ``torch.optim.SGD`` step with gradients ``grads``.
+
+    ``init_buffers`` says the momentum buffers hold no history yet (SGD's first
+    step, which sets ``buf = d`` instead of ``mu * buf + (1 - dampening) * d``).
+    ``grad_scale`` divides the gradients (GradScaler's scale); where
+    ``found_inf`` is non-zero the weights are restored and nothing else changes.
+    """
+    restore_(params, backups)
+    skip = _skip_flag(found_inf, params[0].device)
+    x = _widen(backups)
+    bufs = _widen(momentum_buffers) if momentum_buffers is not None else None
+    d, new_bufs = _sgd_direction(
+        x,
+        _unscale(_widen(grads), grad_scale),
+        bufs,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        init_buffers=init_buffers,
+    )
+    if new_bufs is not None:
+        _commit(momentum_buffers, new_bufs, skip)
+    _commit(params, torch._foreach_add(x, d, alpha=-lr), skip)
+
+
+def restore_adamw_(
+    params: TensorList,
+    backups: TensorList,
+    grads: TensorList,
+    exp_avgs: TensorList,
+    exp_avg_sqs: TensorList,
+    max_exp_avg_sqs: TensorList | None,
+    state_steps: TensorList,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """w <- backup, then one ``torch.optim.Adam`` (``AdamW`` when decoupled) step.
+
+    ``state_steps`` are Adam's 0-dim step counters. On the CPU (PyTorch's
+    default for non-capturable Adam) the bias corrections are computed on the
+    host as ``torch.optim.Adam`` does; on the device they stay tensors.
+    """
+    restore_(params, backups)
+    device = params[0].device
+    steps_on_host = state_steps[0].device.type == "cpu"
+    if found_inf is not None and steps_on_host:
+        # Host-resident step counters cannot be bumped conditionally without
+        # reading the flag: for CUDA params this is the one sync of the step, as
+        # in GradScaler's default path. Adam(capturable=True) keeps the counters
+        # on the device and avoids it.
+        if bool(found_inf):
+            return
+        found_inf = None
+    skip = _skip_flag(found_inf, device)
+
+    x = _widen(backups)
+    g = _unscale(_widen(grads), grad_scale)
+    m = _widen(exp_avgs)
+    v = _widen(exp_avg_sqs)
+
+    if skip is None:
+        torch._foreach_add_(list(state_steps), 1)
+        new_steps = list(state_steps)
+    else:
+        new_steps = [s + (~skip).to(s.dtype) for s in state_steps]
+        _commit(state_steps, new_steps, None)
+
+    if maximize:
+        g = torch._foreach_neg(g)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            x = torch._foreach_mul(x, 1 - lr * weight_decay)
+        else:
+            g = torch._foreach_add(g, x, alpha=weight_decay)
+
+    new_m = torch._foreach_lerp(m, g, 1 - beta1)
+    new_v = torch._foreach_mul(v, beta2)
+    torch._foreach_addcmul_(new_v, g, g, 1 - beta2)
+
+    if max_exp_avg_sqs is not None and amsgrad:
+        new_vmax = torch._foreach_maximum(_widen(max_exp_avg_sqs), new_v)
+        denom = torch._foreach_sqrt(new_vmax)
+    else:
+        new_vmax = None
+        denom = torch._foreach_sqrt(new_v)
+
+    if steps_on_host:
+        counts = [float(s) for s in new_steps]  # host tensors: no device sync
+        step_size = [(lr / (1 - beta1**c)) * -1 for c in counts]
+        bc2_sqrt = [(1 - beta2**c) ** 0.5 for c in counts]
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        new_x = torch._foreach_addcdiv(x, new_m, denom, step_size)
+    else:
+        s = [c.to(device=device, dtype=x[0].dtype) for c in new_steps]
+        bc1 = torch._foreach_pow(beta1, s)
+        bc2 = torch._foreach_pow(beta2, s)
+        bc2_sqrt = torch._foreach_sqrt([1 - b for b in bc2])
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        neg_step_size = [-lr / (1 - b) for b in bc1]
+        update = torch._foreach_div(new_m, denom)
+        torch._foreach_mul_(update, neg_step_size)
+        new_x = torch._foreach_add(x, update)
+
+    _commit(exp_avgs, new_m, skip)
+    _commit(exp_avg_sqs, new_v, skip)
+    if new_vmax is not None:
+        _commit(max_exp_avg_sqs, new_vmax, skip)
+    _commit(params, new_x, skip)
+
+
+def sampa_points_(
+    params: TensorList,
+    grads_y: TensorList,
+    momentum_buffers: TensorList | None,
+    backups: TensorList,
+    ys: TensorList,
+    scale: Tensor,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    init_buffers: bool = False,
+) -> None:
+    """SAMPa's two evaluation points from ``x`` (the params) and ``g_y``.
+
+    backups <- x;  ys <- the point ``torch.optim.SGD`` would move x to with
+    gradient ``g_y`` (the momentum buffers are read, not written);
+    params <- x~ = x + scale * g_y (unchanged where scale == 0).
+    """
+    x = _widen(params)
+    g = _widen(grads_y)
+    bufs = _widen(momentum_buffers) if momentum_buffers is not None else None
+    d, _ = _sgd_direction(
+        x,
+        g,
+        bufs,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        init_buffers=init_buffers,
+    )
+    torch._foreach_copy_(list(ys), torch._foreach_add(x, d, alpha=-lr))
+    perturb_(params, grads_y, backups, scale)
+
+
+def sampa_update_(
+    params: TensorList,
+    backups: TensorList,
+    grads_tilde: TensorList,
+    grads_y: TensorList,
+    momentum_buffers: TensorList | None,
+    *,
+    lam: float,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    init_buffers: bool = False,
+) -> None:
+    """params <- one ``torch.optim.SGD`` step from x (the backups) with
+    gradient ``(1 - lam) * g~ + lam * g_y``; the momentum buffers are updated."""
+    x = _widen(backups)
+    g = torch._foreach_mul(_widen(grads_tilde), 1 - lam)
+    torch._foreach_add_(g, _widen(grads_y), alpha=lam)
+    bufs = _widen(momentum_buffers) if momentum_buffers is not None else None
+    d, new_bufs = _sgd_direction(
+        x,
+        g,
+        bufs,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        init_buffers=init_buffers,
+    )
+    if new_bufs is not None:
+        _commit(momentum_buffers, new_bufs, None)
+    _commit(params, torch._foreach_add(x, d, alpha=-lr), None)
+
+
+OPS = {
+    "grad_sumsq": grad_sumsq,
+    "perturb_": perturb_,
+    "restore_": restore_,
+    "restore_sgd_": restore_sgd_,
+    "restore_adamw_": restore_adamw_,
+    "sampa_points_": sampa_points_,
+    "sampa_update_": sampa_update_,
+}

@@ -1,0 +1,101 @@
+"""The one dispatch point between the optimizers and the op implementations.
+
+A backend is a name (``"torch"``, ``"triton"``, ``"cuda"``, ``"cpp"``) with a
+table of op implementations. Every implementation works on *one* group of
+tensors that share a device and a dtype; the public ops in :mod:`sam_fast.ops`
+do the grouping and call :func:`lookup` once per group.
+
+Backends register themselves with :func:`register_backend`. Those that need
+something this machine may lack (a GPU, Triton, the compiled extension) pass
+an ``available`` predicate, so that ``backend="auto"`` can skip them and an
+explicit request can say why it cannot be served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# The op names every complete backend provides (DESIGN.md section 3).
+OP_NAMES = (
+    "grad_sumsq",
+    "perturb_",
+    "restore_",
+    "restore_sgd_",
+    "restore_adamw_",
+    "sampa_points_",
+    "sampa_update_",
+)
+
+# Preference order of ``backend="auto"`` per device type (DESIGN.md section 4).
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+_AUTO_FALLBACK = ("torch",)
+
+
+@dataclass
+class Backend:
+    name: str
+    ops: dict[str, Callable] = field(default_factory=dict)
+    # device type -> reason it cannot run there (None when it can)
+    unavailable_reason: Callable[[str], str | None] = lambda device_type: None
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(
+    name: str,
+    ops: dict[str, Callable],
+    unavailable_reason: Callable[[str], str | None] | None = None,
+) -> None:
+    """Register (or replace) the op table of backend ``name``."""
+    unknown = set(ops) - set(OP_NAMES)
+    if unknown:
+        raise ValueError(f"backend {name!r} registers unknown ops {sorted(unknown)}")
+    backend = Backend(name, dict(ops))
+    if unavailable_reason is not None:
+        backend.unavailable_reason = unavailable_reason
+    _BACKENDS[name] = backend
+
+
+def registered_backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def why_unavailable(name: str, device_type: str) -> str | None:
+    """None when backend ``name`` can run on ``device_type``, else the reason."""
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        return f"backend {name!r} is not registered (known: {', '.join(_BACKENDS) or 'none'})"
+    return backend.unavailable_reason(device_type)
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The concrete backend that ``name`` means for tensors on ``device``."""
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, _AUTO_FALLBACK):
+            if candidate in _BACKENDS and why_unavailable(candidate, device.type) is None:
+                return candidate
+        raise RuntimeError(f"no sam_fast backend can run on device {device}")
+    reason = why_unavailable(name, device.type)
+    if reason is not None:
+        raise RuntimeError(f"sam_fast backend {name!r} cannot run on {device.type}: {reason}")
+    return name
+
+
+def lookup(op: str, backend: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``.
+
+    A backend that does not implement an op hands it to the ``torch`` backend,
+    which implements all of them.
+    """
+    concrete = resolve(backend, device)
+    impl = _BACKENDS[concrete].ops.get(op)
+    if impl is None:
+        impl = _BACKENDS["torch"].ops[op]
+    return impl

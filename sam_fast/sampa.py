@@ -1,0 +1,328 @@
+"""SAMPa-λ (Xie, Pethick, Cevher, NeurIPS 2024): SAM whose two gradients are independent.
+
+Sequential, single-process form with the batch pairing of DESIGN.md section 2.
+The two gradient evaluations of a step live in separate methods
+(:meth:`SAMPa._gradient_at_x_tilde`, :meth:`SAMPa._gradient_at_y`) so the
+distributed form can run them on different devices.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from . import base_step, ops
+from .wrapper import SharpnessOptimizer, split_eps
+
+Closure = Callable[[], Any]
+
+
+class SAMPa(SharpnessOptimizer):
+    r"""SAMPa-λ around a base optimizer (``torch.optim.SGD`` by default).
+
+    ``step(closure)``: the closure computes the loss and its gradients at the
+    parameters' current values on the current batch (it may call
+    ``opt.zero_grad()`` itself; the optimizer zeroes before each evaluation
+    anyway). Call ``k`` with closure ``c_k``:
+
+    - call 0: ``g_y <- grad f_{B_0}(x_0)``; no update;
+    - call k >= 1: ``x~ = x + rho g_y / (||g_y|| + eps)``, ``y_new`` = the point
+      the base step would move ``x`` to with gradient ``g_y``;
+      ``g~ <- grad f_{B_{k-1}}(x~)`` with the kept ``c_{k-1}``,
+      ``g_y <- grad f_{B_k}(y_new)`` with ``c_k``, and the base step on ``x``
+      with ``(1 - lam) g~ + lam g_y``.
+
+    ``step`` returns the loss of ``c_k`` at ``y_k`` (at ``x_0`` on call 0).
+    Between calls the parameters hold ``x`` and their ``.grad`` is ``None``
+    (``g_y`` is kept in the optimizer's state).
+
+    A parameter that gets no gradient in one of a step's evaluations counts as
+    having a zero gradient there.
+
+    After :meth:`load_state_dict` the closure of the batch before the
+    checkpoint is not known: pass it once as ``step(closure,
+    previous_closure=...)`` to continue exactly (or pass the current closure
+    to accept a different batch for that one step).
+    """
+
+    group_keys = frozenset({"rho", "perturb_eps", "lam"})
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict] | None,
+        base_optimizer: type[Optimizer] | Optimizer = torch.optim.SGD,
+        rho: float = 0.1,
+        lam: float = 0.2,
+        *,
+        backend: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        perturb_eps = split_eps(base_optimizer, kwargs, default=1e-12)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"Invalid lam, should be in [0, 1]: {lam}")
+        super().__init__(params, base_optimizer, dict(rho=rho, lam=lam, perturb_eps=perturb_eps),
+                         kwargs, backend)
+        self._pending_closure: Closure | None = None
+        self._moved: list[list[Tensor]] = []  # groups whose params left x in this step
+        self.updates = 0
+        """Number of updates of ``x`` so far (calls minus one)."""
+
+    # -- state between calls -----------------------------------------------------------------
+
+    def _grads_y(self) -> list[list[Tensor]]:
+        """Per group, the params that have a kept g_y."""
+        return [[p for p in g["params"] if "grad_y" in self.state[p]] for g in self.param_groups]
+
+    def _has_grad_y(self) -> bool:
+        return any(self._grads_y())
+
+    def _evaluate_at_current(self, closure: Closure) -> tuple[Any, dict[Tensor, Tensor]]:
+        """Zero the gradients, run ``closure``, and take the gradients it produced."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        loss = self._evaluate(closure)
+        grads = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    ops.check_tensor(p.grad, "gradient")
+                    grads[p] = p.grad
+                    p.grad = None
+        return loss, grads
+
+    # -- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None, previous_closure: Closure | None = None) -> Any:
+        if closure is None:
+            raise RuntimeError(
+                "SAMPa.step() requires a closure that computes the loss and gradients at the "
+                "current parameters on the current batch"
+            )
+        if previous_closure is not None:
+            self._pending_closure = previous_closure
+        if not self._has_grad_y():
+            loss, grads = self._evaluate_at_current(closure)
+            if not grads:
+                raise RuntimeError("SAMPa.step(): the closure produced no gradient")
+            for p, g in grads.items():
+                self.state[p]["grad_y"] = g
+            self._pending_closure = closure
+            return loss
+        if self._pending_closure is None:
+            raise RuntimeError(
+                "SAMPa.step(): this optimizer was loaded from a checkpoint and does not know "
+                "the closure of the batch before it; pass it once as "
+                "step(closure, previous_closure=...) (or previous_closure=closure to use the "
+                "current batch for that step)"
+            )
+
+        active = self._grads_y()
+        fused = [
+            base_step.fused_kind(self.base_optimizer, g, self.group_keys) == "sgd"
+            for g in self.param_groups
+        ]
+        self._moved: list[list[Tensor]] = []
+        try:
+            ys = self._points(active, fused)
+            grads_tilde = self._gradient_at_x_tilde(self._pending_closure)
+            loss, grads_y = self._gradient_at_y(closure, active, ys)
+        except BaseException:
+            self._restore_x()
+            raise
+        self._update(active, fused, grads_tilde, grads_y)
+        self._pending_closure = closure
+        self.updates += 1
+        self._mark_stepped()
+        return loss
+
+    def _norm_of_grad_y(self, active: list[list[Tensor]]) -> Tensor:
+        grads = [self.state[p]["grad_y"] for ps in active for p in ps]
+        return ops.grad_norm(grads, backend=self.backend)
+
+    def _points(self, active: list[list[Tensor]], fused: list[bool]) -> list[list[Tensor]]:
+        """backup <- x, params <- x~, and the y points (returned, per group)."""
+        norm = self._norm_of_grad_y(active)
+        ys_by_group = []
+        for group, params, is_fused in zip(self.param_groups, active, fused):
+            if not params:
+                ys_by_group.append([])
+                continue
+            scale = self.perturbation_scale(norm, group["rho"], group["perturb_eps"], True, None)
+            grads_y = [self.state[p]["grad_y"] for p in params]
+            backups = [self._buffer(p, "backup") for p in params]
+            ys = [self._buffer(p, "y") for p in params]
+            if is_fused:
+                self._sgd_points(group, params, grads_y, backups, ys, scale)
+            else:
+                self._simulated_y(params, grads_y, ys)
+                ops.perturb_(params, grads_y, backups, scale, backend=self.backend)
+            self._moved.append(params)
+            ys_by_group.append(ys)
+        return ys_by_group
+
+    def _sgd_points(self, group: dict, params: list[Tensor], grads_y: list[Tensor],
+                    backups: list[Tensor], ys: list[Tensor], scale: Tensor) -> None:
+        options = base_step.sgd_options(group)
+        if options["momentum"] == 0:
+            parts = [(list(range(len(params))), None, False)]
+        else:
+            state = self.base_optimizer.state
+            have = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is not None]
+            fresh = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is None]
+            parts = [(have, [state[params[i]]["momentum_buffer"] for i in have], False),
+                     (fresh, None, True)]
+        for idx, bufs, init in parts:
+            if idx:
+                ops.sampa_points_(
+                    [params[i] for i in idx], [grads_y[i] for i in idx], bufs,
+                    [backups[i] for i in idx], [ys[i] for i in idx], scale,
+                    init_buffers=init, backend=self.backend, **options,
+                )
+
+    def _simulated_y(self, params: list[Tensor], grads_y: list[Tensor], ys: list[Tensor]) -> None:
+        """y = where ``base_optimizer.step()`` would move x with gradient g_y, found by taking
+        that step and undoing it (weights and optimizer state), for bases without a fused op."""
+        base = self.base_optimizer
+        saved_state = {p: copy.deepcopy(base.state[p]) for p in params if p in base.state}
+        x = [p.detach().clone() for p in params]
+        others = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        hidden = {p: p.grad for p in others}
+        try:
+            for p in others:
+                p.grad = None
+            for p, g in zip(params, grads_y):
+                p.grad = g
+            base.step()
+            torch._foreach_copy_(ys, params)
+        finally:
+            torch._foreach_copy_(params, x)
+            for p in params:
+                p.grad = None
+                if p in saved_state:
+                    base.state[p] = saved_state[p]
+                else:
+                    base.state.pop(p, None)
+            for p, g in hidden.items():
+                p.grad = g
+
+    def _gradient_at_x_tilde(self, previous_closure: Closure) -> dict[Tensor, Tensor]:
+        """g~ = grad f_{B_{k-1}}(x~), the params holding x~."""
+        _, grads = self._evaluate_at_current(previous_closure)
+        return grads
+
+    def _gradient_at_y(self, closure: Closure, active: list[list[Tensor]],
+                       ys: list[list[Tensor]]) -> tuple[Any, dict[Tensor, Tensor]]:
+        """g_y = grad f_{B_k}(y_new): move the params to y, then evaluate."""
+        for params, y in zip(active, ys):
+            if params:
+                ops.restore_(params, y, backend=self.backend)
+        return self._evaluate_at_current(closure)
+
+    def _restore_x(self) -> None:
+        """Put x back into the params that :meth:`_points` moved (after a failed closure)."""
+        for params in self._moved:
+            ops.restore_(params, [self.state[p]["backup"] for p in params], backend=self.backend)
+        self._moved = []
+
+    def _update(self, active: list[list[Tensor]], fused: list[bool],
+                grads_tilde: dict[Tensor, Tensor], grads_y: dict[Tensor, Tensor]) -> None:
+        """x <- base step on x with (1 - lam) g~ + lam g_y; keep g_y for the next call."""
+        fallback_groups = []
+        for group, params, is_fused in zip(self.param_groups, active, fused):
+            moved = set(map(id, params))
+            # Params that got a gradient only now were not moved to x~ / y: they sit at x.
+            late = [p for p in group["params"] if id(p) not in moved and
+                    (p in grads_tilde or p in grads_y)]
+            for p in late:
+                self._buffer(p, "backup").copy_(p)
+            params = params + late
+            if not params:
+                continue
+            g_tilde = [_or_zeros(grads_tilde.get(p), p) for p in params]
+            g_y = [_or_zeros(grads_y.get(p), p) for p in params]
+            backups = [self.state[p]["backup"] for p in params]
+            if is_fused:
+                self._sgd_update(group, params, backups, g_tilde, g_y)
+            else:
+                ops.restore_(params, backups, backend=self.backend)
+                lam = group["lam"]
+                combined = torch._foreach_mul(g_tilde, 1 - lam)
+                torch._foreach_add_(combined, g_y, alpha=lam)
+                for p, g in zip(params, combined):
+                    p.grad = g
+                fallback_groups.append(group)
+            for p, g in zip(params, g_y):
+                self.state[p]["grad_y"] = g
+        if fallback_groups:
+            self._fallback_base_step(fallback_groups)
+
+    def _sgd_update(self, group: dict, params: list[Tensor], backups: list[Tensor],
+                    g_tilde: list[Tensor], g_y: list[Tensor]) -> None:
+        options = base_step.sgd_options(group)
+        if options["momentum"] == 0:
+            parts = [(list(range(len(params))), None, False)]
+        else:
+            have, fresh = base_step.split_by_buffer(self.base_optimizer, params)
+            have_ids = set(map(id, have))
+            idx_have = [i for i, p in enumerate(params) if id(p) in have_ids]
+            idx_fresh = [i for i, p in enumerate(params) if id(p) not in have_ids]
+            parts = [
+                (idx_have, [self.base_optimizer.state[params[i]]["momentum_buffer"]
+                            for i in idx_have], False),
+                (idx_fresh, None, True),
+            ]
+        for idx, bufs, init in parts:
+            if not idx:
+                continue
+            part = [params[i] for i in idx]
+            if init and options["momentum"] != 0:
+                bufs = base_step.new_momentum_buffers(self.base_optimizer, part)
+            ops.sampa_update_(
+                part, [backups[i] for i in idx], [g_tilde[i] for i in idx],
+                [g_y[i] for i in idx], bufs, lam=group["lam"], init_buffers=init,
+                backend=self.backend, **options,
+            )
+
+    def _fallback_base_step(self, groups: list[dict]) -> None:
+        hidden = {}
+        for g in self.param_groups:
+            if not any(g is f for f in groups):
+                for p in g["params"]:
+                    hidden[p] = p.grad
+                    p.grad = None
+        try:
+            self.base_optimizer.step()
+        finally:
+            for g in groups:
+                for p in g["params"]:
+                    p.grad = None
+            for p, grad in hidden.items():
+                p.grad = grad
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _extra_state(self) -> dict[str, Any]:
+        index = self._param_index()
+        grads_y = {index[id(p)]: self.state[p]["grad_y"].clone()
+                   for g in self.param_groups for p in g["params"] if "grad_y" in self.state[p]}
+        return {"grad_y": grads_y, "updates": self.updates}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        params = self._params_by_index()
+        for p in params:
+            self.state[p].pop("grad_y", None)
+        for i, g in extra.get("grad_y", {}).items():
+            p = params[int(i)]
+            self.state[p]["grad_y"] = g.to(device=p.device, dtype=p.dtype).clone()
+        self.updates = int(extra.get("updates", 0))
+        self._pending_closure = None
+
+
+def _or_zeros(grad: Tensor | None, p: Tensor) -> Tensor:
+    return grad if grad is not None else torch.zeros_like(p)

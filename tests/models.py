@@ -1,0 +1,54 @@
+"""Small deterministic models and data for the optimizer tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def small_cnn(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A CNN with BatchNorm (running statistics, affine params) and a linear head.
+
+    Convolutions before BatchNorm carry no bias, as in ResNets: such a bias has an
+    exactly-zero gradient, and Adam would turn its rounding noise into steps.
+    """
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 5),
+    )
+    return model.to(dtype)
+
+
+def batches(n: int, seed: int = 1, batch_size: int = 8, dtype: torch.dtype = torch.float32):
+    """``n`` fixed (input, target) batches of 8x8 RGB images and 5 classes."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(batch_size, 3, 8, 8, generator=gen).to(dtype)
+        y = torch.randint(0, 5, (batch_size,), generator=gen)
+        out.append((x, y))
+    return out
+
+
+def loss_of(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def make_closure(model: nn.Module, batch):
+    """A closure computing the loss on ``batch`` and its gradients (accumulated)."""
+
+    def closure():
+        loss = loss_of(model, batch)
+        loss.backward()
+        return loss
+
+    return closure
