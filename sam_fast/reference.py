@@ -1,6 +1,10 @@
-"""The per-parameter loop the reference implementation (davda54/sam) uses, written
-here from its published algorithm: one norm per tensor, clone, add, copy back,
-then the base optimizer's own step. The baseline sam_fast must agree with."""
+"""The per-parameter SAM loop of the reference implementation (``davda54/sam``),
+written here from its published algorithm: one norm per tensor, clone, add,
+copy back, then the base optimizer's own step.
+
+It is the baseline the tests compare against and the "reference loop"
+contender of the benchmarks; it is not used by the optimizers.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import torch
 
 
 class ReferenceSAM(torch.optim.Optimizer):
+    """SAM as the reference implementation computes it, plus ASAM's ``eta`` and USAM."""
+
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, eta=0.0,
                  normalize=True, perturb_eps=1e-12, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
