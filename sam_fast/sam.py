@@ -92,7 +92,8 @@ class SAM(SharpnessOptimizer):
         ]
         if len(norms) == 1:
             return norms[0]
-        return torch.linalg.vector_norm(torch.stack([n.to(home, torch.float32) for n in norms]))
+        acc = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        return torch.linalg.vector_norm(torch.stack([n.to(home, acc) for n in norms]))
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
