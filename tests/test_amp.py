@@ -99,3 +99,31 @@ def test_step_without_closure_after_first_step_is_second_step():
         opt_b.zero_grad()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("base,kw", BASES, ids=IDS)
+def test_unscale_for_clipping_after_the_second_backward(base, kw):
+    """scaler.unscale_(opt) between the second backward and scaler.step: the step must
+    not unscale twice (GradScaler then passes grad_scale=None)."""
+    data = batches(4)
+    a, b = small_cnn(0), small_cnn(0)
+    plain = SAM(a.parameters(), base, **kw)
+    scaled = SAM(b.parameters(), base, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for batch in data:
+        loss_of(a, batch).backward()
+        plain.first_step(zero_grad=True)
+        loss_of(a, batch).backward()
+        torch.nn.utils.clip_grad_norm_(a.parameters(), 0.5)
+        plain.second_step(zero_grad=True)
+
+        scaler.scale(loss_of(b, batch)).backward()
+        scaled.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(loss_of(b, batch)).backward()
+        scaler.unscale_(scaled)
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+        scaler.step(scaled)
+        scaler.update()
+        scaled.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
