@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from .distributed import all_reduce_sumsq, local
 
 TensorList = Sequence[Tensor]
 
@@ -51,8 +52,7 @@ def group_by_device_and_dtype(
     """Split aligned lists into per-(device, dtype) sublists, keyed by the first list's tensors.
 
     Every tensor at position ``i`` must match the first list's tensor in device
-    and shape; state tensors (everything after the first list) may be wider
-    than the parameter only where an optimizer keeps them so (step counters).
+    and shape. DTensors (FSDP2) stand for their local shards.
     """
     head = lists[0]
     for name, lst in zip(names, lists):
@@ -62,13 +62,14 @@ def group_by_device_and_dtype(
         lambda: [None if lst is None else [] for lst in lists]
     )
     for i, lead in enumerate(head):
+        lead = local(lead)
         check_tensor(lead, f"{names[0]}[{i}]")
         key = (lead.device, lead.dtype)
         bucket = groups[key]
         for j, (name, lst) in enumerate(zip(names, lists)):
             if lst is None:
                 continue
-            t = lst[i]
+            t = local(lst[i])
             if j > 0:
                 check_tensor(t, f"{name}[{i}]")
                 if t.device != lead.device:
@@ -105,16 +106,19 @@ def grad_norm(
         raise ValueError("grad_norm needs at least one gradient")
     names = ("grads", "params")
     groups = group_by_device_and_dtype(names, (grads, params))
-    home = grads[0].device
+    home = local(grads[0]).device
     partials = []
     for (device, _), (g, p) in groups.items():
         impl = dispatch.lookup("grad_sumsq", backend, device)
         partial = impl(g, p, eta) if p is not None else impl(g)
         partials.append(partial.to(home, non_blocking=True))
     if len(partials) == 1:
-        return partials[0].sqrt()
-    acc = torch.float64 if any(p.dtype == torch.float64 for p in partials) else torch.float32
-    return torch.stack([p.to(acc) for p in partials]).sum().sqrt()
+        total = partials[0]
+    else:
+        acc = torch.float64 if any(p.dtype == torch.float64 for p in partials) else torch.float32
+        total = torch.stack([p.to(acc) for p in partials]).sum()
+    # FSDP2 shards: add up the other ranks' local sums (one small all-reduce).
+    return all_reduce_sumsq(total, grads).sqrt()
 
 
 def perturb_(
@@ -218,7 +222,7 @@ def restore_adamw_(
     if len(state_steps) != len(params):
         raise ValueError(f"state_steps has {len(state_steps)} tensors but params has {len(params)}")
     # The step counters may live on the host, so they ride along by index.
-    position = {id(t): i for i, t in enumerate(params)}
+    position = {id(local(t)): i for i, t in enumerate(params)}
     for (device, _), (p, b, g, m, v, vmax) in group_by_device_and_dtype(names, lists).items():
         steps = [state_steps[position[id(t)]] for t in p]
         dispatch.lookup("restore_adamw_", backend, device)(

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import base_step, ops
+from .distributed import TwoSidedExchange
 from .wrapper import SharpnessOptimizer, split_eps
 
 Closure = Callable[[], Any]
@@ -58,6 +59,7 @@ class SAMPa(SharpnessOptimizer):
         rho: float = 0.1,
         lam: float = 0.2,
         *,
+        parallel: bool | Any = False,
         backend: str = "auto",
         **kwargs: Any,
     ) -> None:
@@ -66,6 +68,9 @@ class SAMPa(SharpnessOptimizer):
             raise ValueError(f"Invalid lam, should be in [0, 1]: {lam}")
         super().__init__(params, base_optimizer, dict(rho=rho, lam=lam, perturb_eps=perturb_eps),
                          kwargs, backend)
+        self._exchange: TwoSidedExchange | None = None
+        if parallel is not False and parallel is not None:
+            self._exchange = TwoSidedExchange(None if parallel is True else parallel)
         self._pending_closure: Closure | None = None
         self._moved: list[list[Tensor]] = []  # groups whose params left x in this step
         self.updates = 0
@@ -99,6 +104,13 @@ class SAMPa(SharpnessOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, previous_closure: Closure | None = None) -> Any:
+        """One SAMPa call (see the class docstring); returns the loss of ``closure`` at y.
+
+        In the parallel form every rank calls ``step`` with the closure of its
+        share of the current batch; the ranks of the ``x~`` half evaluate the
+        previous one, those of the ``y`` half the current one, and all return
+        the loss at y (a detached tensor).
+        """
         if closure is None:
             raise RuntimeError(
                 "SAMPa.step() requires a closure that computes the loss and gradients at the "
@@ -107,13 +119,32 @@ class SAMPa(SharpnessOptimizer):
         if previous_closure is not None:
             self._pending_closure = previous_closure
         if not self._has_grad_y():
-            loss, grads = self._evaluate_at_current(closure)
-            if not grads:
-                raise RuntimeError("SAMPa.step(): the closure produced no gradient")
-            for p, g in grads.items():
-                self.state[p]["grad_y"] = g
-            self._pending_closure = closure
-            return loss
+            return self._first_call(closure)
+
+        active = self._grads_y()
+        fused = [
+            base_step.fused_kind(self.base_optimizer, g, self.group_keys) == "sgd"
+            for g in self.param_groups
+        ]
+        self._moved = []
+        if self._exchange is None:
+            try:
+                pending = self._require_pending()
+                ys = self._points(active, fused)
+                grads_tilde = self._gradient_at_x_tilde(pending)
+                loss, grads_y = self._gradient_at_y(closure, active, ys)
+            except BaseException:
+                self._restore_x()
+                raise
+        else:
+            loss, grads_tilde, grads_y = self._two_sided_gradients(active, fused, closure)
+        self._update(active, fused, grads_tilde, grads_y)
+        self._pending_closure = closure
+        self.updates += 1
+        self._mark_stepped()
+        return loss
+
+    def _require_pending(self) -> Closure:
         if self._pending_closure is None:
             raise RuntimeError(
                 "SAMPa.step(): this optimizer was loaded from a checkpoint and does not know "
@@ -121,25 +152,57 @@ class SAMPa(SharpnessOptimizer):
                 "step(closure, previous_closure=...) (or previous_closure=closure to use the "
                 "current batch for that step)"
             )
+        return self._pending_closure
 
-        active = self._grads_y()
-        fused = [
-            base_step.fused_kind(self.base_optimizer, g, self.group_keys) == "sgd"
-            for g in self.param_groups
-        ]
-        self._moved: list[list[Tensor]] = []
-        try:
-            ys = self._points(active, fused)
-            grads_tilde = self._gradient_at_x_tilde(self._pending_closure)
-            loss, grads_y = self._gradient_at_y(closure, active, ys)
-        except BaseException:
-            self._restore_x()
-            raise
-        self._update(active, fused, grads_tilde, grads_y)
+    def _first_call(self, closure: Closure) -> Any:
+        """Call 0: g_y <- grad f_{B_0}(x_0); no update."""
+        if self._exchange is None:
+            loss, grads = self._evaluate_at_current(closure)
+        else:
+            loss, grads = None, {}
+            failure = None
+            try:
+                if self._exchange.role == "y":
+                    loss, grads = self._evaluate_at_current(closure)
+            except BaseException as exc:
+                failure = exc
+            _, grads, loss = self._exchange.exchange(
+                self._params_by_index(), grads, loss, failed=failure is not None)
+            if failure is not None:
+                raise failure
+        if not grads:
+            raise RuntimeError("SAMPa.step(): the closure produced no gradient")
+        for p, g in grads.items():
+            self.state[p]["grad_y"] = g
         self._pending_closure = closure
-        self.updates += 1
-        self._mark_stepped()
         return loss
+
+    def _two_sided_gradients(self, active: list[list[Tensor]], fused: list[bool],
+                             closure: Closure) -> tuple[Any, dict[Tensor, Tensor],
+                                                        dict[Tensor, Tensor]]:
+        """This rank's side of the step, then the exchange that gives every rank both
+        gradients. A failure on any rank is reported to all of them."""
+        assert self._exchange is not None
+        mine: dict[Tensor, Tensor] = {}
+        loss = None
+        failure: BaseException | None = None
+        try:
+            if self._exchange.role == "x_tilde":
+                pending = self._require_pending()
+                self._points(active, fused)
+                mine = self._gradient_at_x_tilde(pending)
+            else:
+                ys = self._points(active, fused)
+                loss, mine = self._gradient_at_y(closure, active, ys)
+        except BaseException as exc:
+            failure = exc
+        finally:
+            self._restore_x()
+        grads_tilde, grads_y, loss = self._exchange.exchange(
+            self._params_by_index(), mine, loss, failed=failure is not None)
+        if failure is not None:
+            raise failure
+        return loss, grads_tilde, grads_y
 
     def _norm_of_grad_y(self, active: list[list[Tensor]]) -> Tensor:
         grads = [self.state[p]["grad_y"] for ps in active for p in ps]

@@ -52,3 +52,19 @@ def make_closure(model: nn.Module, batch):
         return loss
 
     return closure
+
+
+def small_convnet(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Like :func:`small_cnn` without BatchNorm, whose batch statistics would make a
+    data-parallel run differ from a single process on the concatenated batch."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 5),
+    )
+    return model.to(dtype)

@@ -1,0 +1,174 @@
+"""Worker processes for tests/test_distributed.py (gloo on the CPU).
+
+Run as ``python dist_workers.py SCENARIO OUTDIR`` with RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set. Each scenario writes ``OUTDIR/rank{r}.pt``:
+a dict with ``ok`` (and ``error`` when the scenario raised) plus whatever the
+parent test compares.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from models import batches, loss_of, make_closure, small_cnn, small_convnet  # noqa: E402
+from sam_fast import SAM, SAMPa  # noqa: E402
+from sam_fast.distributed import local_ascent  # noqa: E402
+
+STEPS = 4
+F64 = torch.float64
+
+
+def _shard(batch, rank, world):
+    x, y = batch
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def _sam_steps(model, opt, data, rank, world, local=False):
+    for batch in data:
+        mine = _shard(batch, rank, world)
+        if local:
+            with local_ascent(model):
+                loss_of(model, mine).backward()
+        else:
+            loss_of(model, mine).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, mine).backward()
+        opt.second_step(zero_grad=True)
+
+
+def ddp(rank, world):
+    """Global and local ascent with DDP; returns the final weights of each."""
+    out = {}
+    data = batches(STEPS, batch_size=8, dtype=F64)
+    for mode in ("global", "local"):
+        model = torch.nn.parallel.DistributedDataParallel(small_convnet(0, F64))
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9,
+                  weight_decay=5e-4)
+        _sam_steps(model, opt, data, rank, world, local=(mode == "local"))
+        out[mode] = [p.detach().clone() for p in model.module.parameters()]
+    return out
+
+
+def fsdp2(rank, world):
+    """SAM and ASAM over FSDP2-sharded parameters; returns the full weights."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    data = batches(STEPS, batch_size=8, dtype=F64)
+    cases = {
+        "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4), {}),
+        "adamw-asam": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2),
+                       dict(adaptive=True, eta=0.01, rho=0.5)),
+    }
+    for name, (base, kw, sam_kw) in cases.items():
+        model = small_convnet(0, F64)
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = SAM(model.parameters(), base, **sam_kw, **kw)
+        _sam_steps(model, opt, data, rank, world)
+        out[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return out
+
+
+def _sampa_sequential(data, base, kw, lam, dtype):
+    model = small_cnn(0, dtype)
+    opt = SAMPa(model.parameters(), base, rho=0.1, lam=lam, **kw)
+    trajectory, losses = [], []
+    for batch in data:
+        losses.append(float(opt.step(make_closure(model, batch))))
+        trajectory.append([p.detach().clone() for p in model.parameters()])
+    return trajectory, losses
+
+
+def sampa_parallel(rank, world):
+    """Two-sided SAMPa against the sequential one, call by call, bit for bit."""
+    results = {}
+    cases = [
+        ("sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)),
+        ("adamw", torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+    ]
+    for dtype in (F64, torch.float32):
+        data = batches(STEPS + 1, batch_size=8, dtype=dtype)
+        for name, base, kw in cases:
+            for lam in (0.0, 0.2):
+                want, want_losses = _sampa_sequential(data, base, kw, lam, dtype)
+                model = small_cnn(0, dtype)
+                opt = SAMPa(model.parameters(), base, rho=0.1, lam=lam, parallel=True, **kw)
+                mismatches = []
+                for k, batch in enumerate(data):
+                    loss = opt.step(make_closure(model, batch))
+                    same = all(torch.equal(p, q) for p, q in zip(model.parameters(), want[k]))
+                    if not same or float(loss) != want_losses[k]:
+                        mismatches.append(k)
+                results[f"{name}-lam{lam}-{dtype}"] = mismatches
+    return {"mismatches": results}
+
+
+def sampa_failure(rank, world):
+    """Rank 1's closure raises on the third call: every rank must raise, none hang."""
+    data = batches(4, batch_size=8)
+    model = small_cnn(0)
+    opt = SAMPa(model.parameters(), lr=0.05, momentum=0.9, parallel=True)
+    for k, batch in enumerate(data):
+        closure = make_closure(model, batch)
+        if rank == 1 and k == 2:
+            def closure():
+                raise ValueError("rank 1's data loader died")
+        x_before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step(closure)
+        except Exception as exc:  # the scenario's point: record what each rank saw
+            restored = all(torch.equal(p, q) for p, q in zip(model.parameters(), x_before))
+            return {"raised": f"{type(exc).__name__}: {exc}", "at": k, "restored": restored}
+    return {"raised": None}
+
+
+def ddp_failure(rank, world):
+    """Rank 1 dies between SAM's two passes; rank 0 must fail, not wait forever."""
+    model = torch.nn.parallel.DistributedDataParallel(small_convnet(0))
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05)
+    batch = _shard(batches(1, batch_size=8)[0], rank, world)
+    loss_of(model, batch).backward()
+    opt.first_step(zero_grad=True)
+    if rank == 1:
+        os._exit(3)  # a crash: no cleanup, no goodbye to the peers
+    try:
+        loss_of(model, batch).backward()
+    except Exception as exc:
+        return {"raised": f"{type(exc).__name__}: {exc}"}
+    return {"raised": None}
+
+
+SCENARIOS = {f.__name__: f for f in (ddp, fsdp2, sampa_parallel, sampa_failure, ddp_failure)}
+
+
+def main() -> None:
+    scenario, outdir = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)  # same reduction order in every process and in the parent
+    timeout = datetime.timedelta(seconds=float(os.environ.get("DIST_TIMEOUT", "60")))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    try:
+        result = {"ok": True, **SCENARIOS[scenario](rank, world)}
+    except Exception:
+        result = {"ok": False, "error": traceback.format_exc()}
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    main()
