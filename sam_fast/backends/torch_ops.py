@@ -15,12 +15,12 @@ them bit for bit on the CPU.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
-TensorList = Sequence[Tensor]
+TensorList = list[Tensor] | tuple[Tensor, ...]
+# foreach ops return tuples or lists; either is a sequence of tensors here.
+Tensors = list[Tensor] | tuple[Tensor, ...]
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,7 +47,7 @@ def _skip_flag(found_inf: Tensor | None, device: torch.device) -> Tensor | None:
     return found_inf.to(device=device, non_blocking=True) != 0
 
 
-def _unscale(grads: list[Tensor], grad_scale: Tensor | None) -> list[Tensor]:
+def _unscale(grads: Tensors, grad_scale: Tensor | None) -> Tensors:
     if grad_scale is None:
         return grads
     inv = torch.reciprocal(grad_scale.to(device=grads[0].device, dtype=grads[0].dtype))
@@ -72,7 +72,7 @@ def grad_sumsq(grads: TensorList, params: TensorList | None = None, eta: float =
 
 def _perturbation(
     params: TensorList, grads: TensorList, scale: Tensor, eta: float | None
-) -> list[Tensor]:
+) -> Tensors:
     """e = scale * g (SAM, USAM) or scale * (|w| + eta)^2 * g (ASAM), exactly 0 where scale == 0."""
     g = _widen(grads)
     if eta is None:
@@ -109,9 +109,9 @@ def restore_(params: TensorList, backups: TensorList) -> None:
 
 
 def _sgd_direction(
-    x: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor] | None,
+    x: Tensors,
+    grads: Tensors,
+    bufs: Tensors | None,
     *,
     momentum: float,
     dampening: float,
@@ -119,16 +119,18 @@ def _sgd_direction(
     nesterov: bool,
     maximize: bool,
     init_buffers: bool,
-) -> tuple[list[Tensor], list[Tensor] | None]:
+) -> tuple[Tensors, Tensors | None]:
     """The direction ``d`` of ``torch.optim.SGD`` and the new momentum buffers (not written)."""
-    d = torch._foreach_neg(grads) if maximize else grads
+    d: Tensors = torch._foreach_neg(grads) if maximize else grads
     if weight_decay != 0:
         d = torch._foreach_add(d, x, alpha=weight_decay)
     if momentum == 0:
         return d, None
+    new_bufs: Tensors
     if init_buffers:
         new_bufs = [t.clone() for t in d]
     else:
+        assert bufs is not None, "momentum buffers are read unless init_buffers"
         new_bufs = torch._foreach_mul(bufs, momentum)
         torch._foreach_add_(new_bufs, d, alpha=1 - dampening)
     if nesterov:
@@ -176,7 +178,7 @@ def restore_sgd_(
         maximize=maximize,
         init_buffers=init_buffers,
     )
-    if new_bufs is not None:
+    if new_bufs is not None and momentum_buffers is not None:
         _commit(momentum_buffers, new_bufs, skip)
     _commit(params, torch._foreach_add(x, d, alpha=-lr), skip)
 
@@ -220,14 +222,14 @@ def restore_adamw_(
         found_inf = None
     skip = _skip_flag(found_inf, device)
 
-    x = _widen(backups)
-    g = _unscale(_widen(grads), grad_scale)
+    x: Tensors = _widen(backups)
+    g: Tensors = _unscale(_widen(grads), grad_scale)
     m = _widen(exp_avgs)
     v = _widen(exp_avg_sqs)
 
     if skip is None:
         torch._foreach_add_(list(state_steps), 1)
-        new_steps = list(state_steps)
+        new_steps: Tensors = list(state_steps)
     else:
         new_steps = [s + (~skip).to(s.dtype) for s in state_steps]
         _commit(state_steps, new_steps, None)
@@ -244,6 +246,7 @@ def restore_adamw_(
     new_v = torch._foreach_mul(v, beta2)
     torch._foreach_addcmul_(new_v, g, g, 1 - beta2)
 
+    new_vmax: Tensors | None
     if max_exp_avg_sqs is not None and amsgrad:
         new_vmax = torch._foreach_maximum(_widen(max_exp_avg_sqs), new_v)
         denom = torch._foreach_sqrt(new_vmax)
@@ -262,8 +265,8 @@ def restore_adamw_(
         s = [c.to(device=device, dtype=x[0].dtype) for c in new_steps]
         bc1 = torch._foreach_pow(beta1, s)
         bc2 = torch._foreach_pow(beta2, s)
-        bc2_sqrt = torch._foreach_sqrt([1 - b for b in bc2])
-        torch._foreach_div_(denom, bc2_sqrt)
+        bc2_sqrt_t = torch._foreach_sqrt([1 - b for b in bc2])
+        torch._foreach_div_(denom, bc2_sqrt_t)
         torch._foreach_add_(denom, eps)
         neg_step_size = [-lr / (1 - b) for b in bc1]
         update = torch._foreach_div(new_m, denom)
@@ -272,7 +275,7 @@ def restore_adamw_(
 
     _commit(exp_avgs, new_m, skip)
     _commit(exp_avg_sqs, new_v, skip)
-    if new_vmax is not None:
+    if new_vmax is not None and max_exp_avg_sqs is not None:
         _commit(max_exp_avg_sqs, new_vmax, skip)
     _commit(params, new_x, skip)
 
@@ -350,7 +353,7 @@ def sampa_update_(
         maximize=maximize,
         init_buffers=init_buffers,
     )
-    if new_bufs is not None:
+    if new_bufs is not None and momentum_buffers is not None:
         _commit(momentum_buffers, new_bufs, None)
     _commit(params, torch._foreach_add(x, d, alpha=-lr), None)
 
