@@ -256,8 +256,9 @@ def test_lr_scheduler_drives_the_learning_rate(attach_to):
 def test_lr_change_reaches_the_fused_step():
     data = batches(4)
     a, b = small_cnn(0), small_cnn(0)
-    opt_a = SAM(a.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
-    opt_b = SAM(b.parameters(), type("S", (torch.optim.SGD,), {}), lr=0.1, momentum=0.9)
+    opt_a = SAM(a.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="torch")
+    opt_b = SAM(b.parameters(), type("S", (torch.optim.SGD,), {}), lr=0.1, momentum=0.9,
+                backend="torch")
     for model, opt in ((a, opt_a), (b, opt_b)):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (k + 1))
         for batch in data:
