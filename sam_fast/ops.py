@@ -8,7 +8,7 @@ belongs to the same parameter.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Sequence
 
 import torch
@@ -46,44 +46,95 @@ def check_tensor(t: Tensor, what: str) -> None:
         )
 
 
-def group_by_device_and_dtype(
-    names: Sequence[str], lists: Sequence[TensorList | None]
-) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor] | None]]:
+Groups = dict[tuple[torch.device, torch.dtype], list[list[Tensor] | None]]
+
+# Validated layouts: fingerprint of the lists -> per group, its key and positions.
+# A step calls the ops with the same tensors over and over; checking them once
+# keeps the host's share of a step small (see docs/triton.md for measurements).
+_LAYOUT_CACHE: OrderedDict[tuple, list[tuple[tuple[torch.device, torch.dtype], list[int]]]] = (
+    OrderedDict()
+)
+_LAYOUT_CACHE_SIZE = 256
+
+
+def _fingerprint(lists: Sequence[list[Tensor] | None]) -> tuple:
+    """Storage address and shape of every tensor (and the head's dtypes): equal
+    fingerprints mean the same devices, dtypes and shapes, so the same groups."""
+    parts: list[tuple] = []
+    for lst in lists:
+        if lst is None:
+            parts.append(())
+            continue
+        parts.append(tuple(map(Tensor.data_ptr, lst)))
+        parts.append(tuple(map(Tensor.size, lst)))
+    head = lists[0]
+    assert head is not None
+    parts.append(tuple(t.dtype for t in head))
+    return tuple(parts)
+
+
+def group_by_device_and_dtype(names: Sequence[str], lists: Sequence[TensorList | None]) -> Groups:
     """Split aligned lists into per-(device, dtype) sublists, keyed by the first list's tensors.
 
     Every tensor at position ``i`` must match the first list's tensor in device
-    and shape. DTensors (FSDP2) stand for their local shards.
+    and shape. DTensors (FSDP2) stand for their local shards. The checks run
+    once per distinct set of tensors (by storage address and shape).
     """
     head = lists[0]
+    assert head is not None
     for name, lst in zip(names, lists):
         if lst is not None and len(lst) != len(head):
             raise ValueError(f"{name} has {len(lst)} tensors but {names[0]} has {len(head)}")
-    groups: dict[tuple[torch.device, torch.dtype], list[list[Tensor] | None]] = defaultdict(
-        lambda: [None if lst is None else [] for lst in lists]
-    )
+    plain: list[list[Tensor] | None] = [
+        None if lst is None else [local(t) for t in lst] for lst in lists
+    ]
+    try:
+        key = (tuple(names), _fingerprint(plain))
+    except (RuntimeError, TypeError):  # tensors without storage (e.g. sparse): check in full
+        key = None
+    layout = _LAYOUT_CACHE.get(key) if key is not None else None
+    if layout is None:
+        layout = _validate_and_group(names, plain)
+        if key is not None:
+            _LAYOUT_CACHE[key] = layout
+            if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+                _LAYOUT_CACHE.popitem(last=False)
+    else:
+        _LAYOUT_CACHE.move_to_end(key)
+    if len(layout) == 1:  # the common case: one device, one dtype
+        return {layout[0][0]: plain}
+    return {
+        group_key: [None if lst is None else [lst[i] for i in positions] for lst in plain]
+        for group_key, positions in layout
+    }
+
+
+def _validate_and_group(
+    names: Sequence[str], lists: Sequence[list[Tensor] | None]
+) -> list[tuple[tuple[torch.device, torch.dtype], list[int]]]:
+    """Check every tensor and return, per (device, dtype), the positions it holds."""
+    head = lists[0]
+    assert head is not None
+    positions: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, lead in enumerate(head):
-        lead = local(lead)
         check_tensor(lead, f"{names[0]}[{i}]")
-        key = (lead.device, lead.dtype)
-        bucket = groups[key]
-        for j, (name, lst) in enumerate(zip(names, lists)):
+        for name, lst in zip(names[1:], lists[1:]):
             if lst is None:
                 continue
-            t = local(lst[i])
-            if j > 0:
-                check_tensor(t, f"{name}[{i}]")
-                if t.device != lead.device:
-                    raise RuntimeError(
-                        f"{name}[{i}] is on {t.device} but {names[0]}[{i}] is on {lead.device}; "
-                        "each parameter's tensors must share a device"
-                    )
-                if t.shape != lead.shape:
-                    raise RuntimeError(
-                        f"{name}[{i}] has shape {tuple(t.shape)} but {names[0]}[{i}] has "
-                        f"{tuple(lead.shape)}"
-                    )
-            bucket[j].append(t)
-    return dict(groups)
+            t = lst[i]
+            check_tensor(t, f"{name}[{i}]")
+            if t.device != lead.device:
+                raise RuntimeError(
+                    f"{name}[{i}] is on {t.device} but {names[0]}[{i}] is on {lead.device}; "
+                    "each parameter's tensors must share a device"
+                )
+            if t.shape != lead.shape:
+                raise RuntimeError(
+                    f"{name}[{i}] has shape {tuple(t.shape)} but {names[0]}[{i}] has "
+                    f"{tuple(lead.shape)}"
+                )
+        positions[(lead.device, lead.dtype)].append(i)
+    return list(positions.items())
 
 
 def _scalar_on(value: Tensor, device: torch.device) -> Tensor:

@@ -337,3 +337,22 @@ def test_sparse_complex_and_integer_tensors_are_rejected():
 def test_unknown_backend_is_rejected():
     with pytest.raises(RuntimeError, match="not registered"):
         ops.grad_norm([torch.ones(3)], backend="no-such-backend")
+
+
+def test_validated_layouts_are_not_reused_for_other_tensors(gen):
+    """The per-layout cache of checks must notice new storage, shapes and dtypes."""
+    params = _rand([(4,), (6,)], torch.float32, gen)
+    grads = _rand([(4,), (6,)], torch.float32, gen)
+    backups = [torch.empty_like(p) for p in params]
+    ops.perturb_(params, grads, backups, torch.tensor(0.1), backend="torch")
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \(3, 2\)"):
+        ops.perturb_(params, [grads[0], grads[1].view(3, 2)], backups, torch.tensor(0.1),
+                     backend="torch")
+    # a parameter whose storage changes dtype in place (as module.to() does)
+    params[1].data = params[1].data.to(torch.bfloat16)
+    grads[1] = grads[1].to(torch.bfloat16)
+    backups[1] = torch.empty_like(params[1])
+    before = [p.clone() for p in params]
+    ops.perturb_(params, grads, backups, torch.tensor(0.5), backend="torch")
+    assert params[1].dtype == torch.bfloat16
+    _close(params[1], before[1].double() + 0.5 * grads[1].double(), torch.bfloat16, scale=2.0)
