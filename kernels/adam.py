@@ -1,0 +1,151 @@
+"""``torch.optim.Adam`` / ``AdamW``'s update, fused with SAM's restore.
+
+Follows the torch backend's ``restore_adamw_`` operation by operation, in
+fp32. The bias corrections come from one of two places, as in PyTorch:
+
+- step counters on the host (non-capturable Adam, PyTorch's default): the
+  host computes ``step_size`` and ``sqrt(1 - beta2^t)`` in double precision
+  from the counters it holds (no device sync) and passes them as arguments;
+  positions whose counters differ go in separate launches;
+- step counters on the device (``capturable=True`` / ``fused=True``): each
+  program reads its tensor's counter through the table and computes the
+  corrections itself, so the step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import chunk_of, device_fn, operand, pow_int, to_storage
+from .tables import BLOCK, CHUNK, LAUNCH, Table
+
+
+@device_fn
+def _adam_block(p, b, g, m, v, vmax, offs, mask, keep, inv_scale, beta2, lerp_w, one_minus_beta2,
+                eps, weight_decay, decay, bc2_sqrt, step_size, DT: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_WD: tl.constexpr,
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                LERP_SMALL: tl.constexpr):
+    x_raw = tl.load(b + offs, mask=mask)
+    x = x_raw.to(tl.float32)
+    grad = tl.load(g + offs, mask=mask).to(tl.float32)
+    if HAS_SCALE:
+        grad = grad * inv_scale
+    if MAXIMIZE:
+        grad = -grad
+    if HAS_WD:
+        if DECOUPLED:
+            x = x * decay
+        else:
+            grad = grad + weight_decay * x
+    m_raw = tl.load(m + offs, mask=mask)
+    v_raw = tl.load(v + offs, mask=mask)
+    exp_avg = m_raw.to(tl.float32)
+    exp_avg_sq = v_raw.to(tl.float32)
+    # torch.lerp's two-sided formula, so that it agrees with PyTorch's rounding.
+    diff = grad - exp_avg
+    if LERP_SMALL:
+        new_m = exp_avg + lerp_w * diff
+    else:
+        # 1 - w in fp32 as torch.lerp does (a Python float under the interpreter: cast).
+        new_m = grad - diff * (1.0 - tl.cast(lerp_w, tl.float32))
+    new_v = exp_avg_sq * beta2 + (one_minus_beta2 * grad) * grad
+    if AMSGRAD:
+        max_raw = tl.load(vmax + offs, mask=mask)
+        new_max = tl.maximum(max_raw.to(tl.float32), new_v, propagate_nan=tl.PropagateNan.ALL)
+        root = tl.sqrt_rn(new_max)
+    else:
+        root = tl.sqrt_rn(new_v)
+    # IEEE division and square root, as PyTorch's kernels (not the approximate ones).
+    denom = tl.math.div_rn(root, bc2_sqrt) + eps
+    new_x = x + tl.math.div_rn(new_m, denom) * step_size
+    new_x = to_storage(new_x, DT)
+    new_m = to_storage(new_m, DT)
+    new_v = to_storage(new_v, DT)
+    if HAS_INF:
+        # Skipped: w restored, the state's old bits written back (see sgd.py).
+        new_x = tl.where(keep, new_x, x_raw)
+        new_m = tl.where(keep, new_m, m_raw)
+        new_v = tl.where(keep, new_v, v_raw)
+    tl.store(m + offs, new_m, mask=mask)
+    tl.store(v + offs, new_v, mask=mask)
+    if AMSGRAD:
+        new_max = to_storage(new_max, DT)
+        if HAS_INF:
+            new_max = tl.where(keep, new_max, max_raw)
+        tl.store(vmax + offs, new_max, mask=mask)
+    tl.store(p + offs, new_x, mask=mask)
+
+
+@triton.jit(do_not_specialize=["B", "T"])
+def _restore_adam_kernel(meta, B, T, grad_scale, found_inf, beta1, beta2, lerp_w, one_minus_beta2,
+                         eps, weight_decay, decay, neg_lr, host_step_size, host_bc2_sqrt,
+                         DT: tl.constexpr, STEP_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         HAS_INF: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
+                         AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr,
+                         DEVICE_STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                         CHUNK: tl.constexpr):
+    t, start, rem = chunk_of(meta, B, CHUNK)
+    p = operand(meta, B, T, t, start, 0, DT, ALIGNED)
+    b = operand(meta, B, T, t, start, 1, DT, ALIGNED)
+    g = operand(meta, B, T, t, start, 2, DT, ALIGNED)
+    m = operand(meta, B, T, t, start, 3, DT, ALIGNED)
+    v = operand(meta, B, T, t, start, 4, DT, ALIGNED)
+    vmax = v
+    if AMSGRAD:
+        vmax = operand(meta, B, T, t, start, 5, DT, ALIGNED)
+    inv_scale = 1.0
+    if HAS_SCALE:
+        inv_scale = tl.math.div_rn(1.0, tl.load(grad_scale).to(tl.float32))
+    keep = False  # unused unless HAS_INF
+    if HAS_INF:
+        keep = tl.load(found_inf) == 0
+    if DEVICE_STEPS:
+        # This tensor's counter (already advanced for this step), the last table row.
+        counter = operand(meta, B, T, t, 0, 5 + AMSGRAD, STEP_DT, False)
+        n = tl.load(counter).to(tl.int64)
+        bc1 = 1.0 - pow_int(beta1, n).to(tl.float32)
+        bc2_sqrt = tl.sqrt_rn(1.0 - pow_int(beta2, n).to(tl.float32))
+        # PyTorch: -lr / bc1 on tensors is bc1.reciprocal() * -lr.
+        step_size = tl.math.div_rn(1.0, bc1) * neg_lr
+    else:
+        bc2_sqrt = host_bc2_sqrt
+        step_size = host_step_size
+    n_full = (rem // BLOCK) * BLOCK
+    for off in tl.range(0, n_full, BLOCK):
+        _adam_block(p, b, g, m, v, vmax, off + tl.arange(0, BLOCK), None, keep, inv_scale, beta2,
+                    lerp_w, one_minus_beta2, eps, weight_decay, decay, bc2_sqrt, step_size, DT,
+                    HAS_SCALE, HAS_INF, HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, LERP_SMALL)
+    if n_full < rem:
+        offs = n_full + tl.arange(0, BLOCK)
+        _adam_block(p, b, g, m, v, vmax, offs, offs < rem, keep, inv_scale, beta2, lerp_w,
+                    one_minus_beta2, eps, weight_decay, decay, bc2_sqrt, step_size, DT, HAS_SCALE,
+                    HAS_INF, HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, LERP_SMALL)
+
+
+def restore_adam(table: Table, dtype: tl.dtype, *, lr: float, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                 decoupled_weight_decay: bool, grad_scale: Tensor | None,
+                 found_inf: Tensor | None, step_dtype: tl.dtype | None,
+                 host_step_size: float = 0.0, host_bc2_sqrt: float = 1.0) -> None:
+    """Operands (params, backups, grads, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs][, steps]).
+
+    ``step_dtype`` set: the last operand is the on-device step counters (of that
+    dtype), already advanced for this step. None: the host's ``host_step_size``
+    (``-lr / (1 - beta1^t)``) and ``host_bc2_sqrt`` (``sqrt(1 - beta2^t)``) apply.
+    """
+    dummy = table.meta  # stands in for absent device scalars; never read
+    lerp_w = 1.0 - beta1
+    _restore_adam_kernel[(table.n_blocks,)](
+        table.meta, table.n_blocks, table.n_tensors,
+        dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
+        beta1, beta2, lerp_w, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, -lr,
+        host_step_size, host_bc2_sqrt,
+        DT=dtype, STEP_DT=step_dtype if step_dtype is not None else dtype,
+        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
+        HAS_WD=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad,
+        MAXIMIZE=maximize, LERP_SMALL=abs(lerp_w) < 0.5, DEVICE_STEPS=step_dtype is not None,
+        ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
+    )

@@ -1,0 +1,113 @@
+"""Device-side helpers shared by every kernel: finding a program's chunk through the
+table of :mod:`.tables`, typed operand pointers, and rounding to the storage dtype."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import triton
+import triton.language as tl
+
+F = TypeVar("F", bound=Callable)
+
+
+def _interpreting() -> bool:
+    """Whether ``@triton.jit`` makes interpreted functions (TRITON_INTERPRET)."""
+    try:
+        from triton import knobs
+    except ImportError:  # older Triton: no knobs module, it reads the variable itself
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return bool(knobs.runtime.interpret)
+
+
+def device_fn(fn: F) -> F:
+    """``@triton.jit`` for a helper called from kernels.
+
+    Under Triton's interpreter the helper stays a plain Python function: each
+    call of an interpreted jit helper re-patches ``triton.language`` (about a
+    millisecond), several times per program, which made the CPU tests several
+    times slower. The kernel patches the language for its whole run, so the
+    plain function executes the same operations; compiled, nothing changes.
+    """
+    return fn if _interpreting() else triton.jit(fn)
+
+
+@device_fn
+def chunk_of(meta, B, CHUNK: tl.constexpr):
+    """(tensor index, chunk start, elements in the chunk) of this program.
+
+    The start is int64 (tensors may exceed 2^31 elements); the count is at most
+    CHUNK, so int32 indexing within the chunk is safe.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(meta + pid)
+    # A multiple of CHUNK, said where it is loaded (a hint on a helper's
+    # argument would be lost) so that aligned operands stay provably aligned.
+    start = tl.multiple_of(tl.load(meta + B + pid), CHUNK)
+    n = tl.load(meta + 2 * B + t)
+    rem = tl.minimum(n - start, CHUNK).to(tl.int32)
+    return t, start, rem
+
+
+@device_fn
+def operand(meta, B, T, t, start, J: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer (element type DT) to this chunk of operand J of tensor t."""
+    ptr = tl.load(meta + 2 * B + T + J * T + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        # The host saw every address 16-byte aligned, and chunk starts are
+        # multiples of CHUNK elements: saying so lets the compiler emit 16-byte
+        # vector accesses (unknown alignment means one access per element).
+        # The hint must sit on the pointer: on the int64 before the cast it is lost.
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr + start
+
+
+@device_fn
+def load_or_zero(ptr, mask):
+    """``tl.load`` as fp32, 0 where ``mask`` is off (``mask`` None: a full block)."""
+    if mask is None:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@device_fn
+def to_storage(x, DT: tl.constexpr):
+    """Round fp32 ``x`` to DT, to nearest-even as PyTorch does.
+
+    bf16 rounding is done on the bits: Triton's CPU interpreter truncates
+    fp32 -> bf16 casts, and one code path on both targets is what CI tests.
+    NaN becomes the canonical bf16 NaN 0x7FC0, as in c10::BFloat16.
+    """
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@device_fn
+def pow_int(base, n):
+    """``base ** n`` for a whole number ``n >= 0`` by repeated squaring in fp64.
+
+    Adam's bias corrections ``1 - beta ** step`` on the device: fp64 squaring
+    is accurate to ~1e-15 relative, so rounding the result to fp32 gives the
+    correctly rounded fp32 power, which PyTorch's fp32 ``pow`` also computes
+    (up to its own last-bit error). ``beta`` is rounded to fp32 first, as there.
+    """
+    acc = tl.full((), 1.0, tl.float64)
+    # tl.cast, not .to: under the interpreter float arguments stay Python floats
+    # (compiled, they arrive as fp32); the fp32 rounding is then the same.
+    b = tl.cast(tl.cast(base, tl.float32), tl.float64)
+    e = n
+    while e > 0:
+        if (e & 1) != 0:
+            acc = acc * b
+        b = b * b
+        e = e >> 1
+    return acc
