@@ -70,6 +70,18 @@ def grad_sumsq(grads: TensorList, params: TensorList | None = None, eta: float =
     return torch.stack(partial).sum()
 
 
+def _workspace(storage: TensorList, in_place: bool) -> list[Tensor]:
+    """Where a step computes: the storage itself when it may be written in place
+    (math dtype, no skip flag), else math-dtype copies committed at the end."""
+    if in_place:
+        return list(storage)
+    return [t.to(_math_dtype(t.dtype), copy=True) for t in storage]
+
+
+def _in_place(storage: TensorList, skip: Tensor | None) -> bool:
+    return skip is None and storage[0].dtype == _math_dtype(storage[0].dtype)
+
+
 def _perturbation(
     params: TensorList, grads: TensorList, scale: Tensor, eta: float | None
 ) -> Tensors:
@@ -85,8 +97,10 @@ def _perturbation(
         torch._foreach_mul_(e, g)
         torch._foreach_mul_(e, scale)
     # scale == 0 marks a skipped step (non-finite norm): 0 * inf would be NaN.
-    keep = scale != 0
-    return [torch.where(keep, t, 0.0) for t in e]
+    skipped = scale == 0
+    for t in e:
+        t.masked_fill_(skipped, 0.0)
+    return e
 
 
 def perturb_(
@@ -97,21 +111,27 @@ def perturb_(
     eta: float | None = None,
 ) -> None:
     """backups <- w;  w <- w + e(w, g, scale)."""
+    if len(params) == 0:
+        return
     e = _perturbation(params, grads, scale, eta)
     torch._foreach_copy_(list(backups), list(params))
-    moved = torch._foreach_add(_widen(params), e)
-    torch._foreach_copy_(list(params), moved)
+    if _in_place(params, None):
+        torch._foreach_add_(list(params), e)
+    else:
+        torch._foreach_copy_(list(params), torch._foreach_add(_widen(params), e))
 
 
 def restore_(params: TensorList, backups: TensorList) -> None:
     """w <- backup, bit for bit."""
+    if len(params) == 0:
+        return
     torch._foreach_copy_(list(params), list(backups))
 
 
 def _sgd_direction(
     x: Tensors,
     grads: Tensors,
-    bufs: Tensors | None,
+    bufs: list[Tensor] | None,
     *,
     momentum: float,
     dampening: float,
@@ -119,25 +139,22 @@ def _sgd_direction(
     nesterov: bool,
     maximize: bool,
     init_buffers: bool,
-) -> tuple[Tensors, Tensors | None]:
-    """The direction ``d`` of ``torch.optim.SGD`` and the new momentum buffers (not written)."""
+) -> Tensors:
+    """The direction ``d`` of ``torch.optim.SGD``, updating the momentum buffers
+    ``bufs`` in place (pass copies to keep the originals), with the same calls in
+    the same order as its foreach implementation."""
     d: Tensors = torch._foreach_neg(grads) if maximize else grads
     if weight_decay != 0:
         d = torch._foreach_add(d, x, alpha=weight_decay)
     if momentum == 0:
-        return d, None
-    new_bufs: Tensors
+        return d
+    assert bufs is not None, "momentum needs buffers"
     if init_buffers:
-        new_bufs = [t.clone() for t in d]
+        torch._foreach_copy_(bufs, d)
     else:
-        assert bufs is not None, "momentum buffers are read unless init_buffers"
-        new_bufs = torch._foreach_mul(bufs, momentum)
-        torch._foreach_add_(new_bufs, d, alpha=1 - dampening)
-    if nesterov:
-        d = torch._foreach_add(d, new_bufs, alpha=momentum)
-    else:
-        d = new_bufs
-    return d, new_bufs
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, d, alpha=1 - dampening)
+    return torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
 
 
 def restore_sgd_(
@@ -163,11 +180,15 @@ def restore_sgd_(
     ``grad_scale`` divides the gradients (GradScaler's scale); where
     ``found_inf`` is non-zero the weights are restored and nothing else changes.
     """
+    if len(params) == 0:
+        return
     restore_(params, backups)
     skip = _skip_flag(found_inf, params[0].device)
-    x = _widen(backups)
-    bufs = _widen(momentum_buffers) if momentum_buffers is not None else None
-    d, new_bufs = _sgd_direction(
+    in_place = _in_place(params, skip)
+    x = _workspace(params, in_place)
+    has_bufs = momentum != 0 and momentum_buffers is not None
+    bufs = _workspace(momentum_buffers, in_place) if has_bufs else None
+    d = _sgd_direction(
         x,
         _unscale(_widen(grads), grad_scale),
         bufs,
@@ -178,9 +199,11 @@ def restore_sgd_(
         maximize=maximize,
         init_buffers=init_buffers,
     )
-    if new_bufs is not None and momentum_buffers is not None:
-        _commit(momentum_buffers, new_bufs, skip)
-    _commit(params, torch._foreach_add(x, d, alpha=-lr), skip)
+    torch._foreach_add_(x, d, alpha=-lr)
+    if not in_place:
+        if bufs is not None and momentum_buffers is not None:
+            _commit(momentum_buffers, bufs, skip)
+        _commit(params, x, skip)
 
 
 def restore_adamw_(
@@ -209,6 +232,8 @@ def restore_adamw_(
     default for non-capturable Adam) the bias corrections are computed on the
     host as ``torch.optim.Adam`` does; on the device they stay tensors.
     """
+    if len(params) == 0:
+        return
     restore_(params, backups)
     device = params[0].device
     steps_on_host = state_steps[0].device.type == "cpu"
@@ -221,63 +246,58 @@ def restore_adamw_(
             return
         found_inf = None
     skip = _skip_flag(found_inf, device)
-
-    x: Tensors = _widen(backups)
+    in_place = _in_place(params, skip)
+    x = _workspace(params, in_place)
+    m = _workspace(exp_avgs, in_place)
+    v = _workspace(exp_avg_sqs, in_place)
+    use_vmax = amsgrad and max_exp_avg_sqs is not None
+    vmax = _workspace(max_exp_avg_sqs, in_place) if use_vmax and max_exp_avg_sqs else None
     g: Tensors = _unscale(_widen(grads), grad_scale)
-    m = _widen(exp_avgs)
-    v = _widen(exp_avg_sqs)
 
     if skip is None:
         torch._foreach_add_(list(state_steps), 1)
-        new_steps: Tensors = list(state_steps)
     else:
-        new_steps = [s + (~skip).to(s.dtype) for s in state_steps]
-        _commit(state_steps, new_steps, None)
+        _commit(state_steps, [s + (~skip).to(s.dtype) for s in state_steps], None)
 
     if maximize:
         g = torch._foreach_neg(g)
     if weight_decay != 0:
         if decoupled_weight_decay:
-            x = torch._foreach_mul(x, 1 - lr * weight_decay)
+            torch._foreach_mul_(x, 1 - lr * weight_decay)
         else:
             g = torch._foreach_add(g, x, alpha=weight_decay)
-
-    new_m = torch._foreach_lerp(m, g, 1 - beta1)
-    new_v = torch._foreach_mul(v, beta2)
-    torch._foreach_addcmul_(new_v, g, g, 1 - beta2)
-
-    new_vmax: Tensors | None
-    if max_exp_avg_sqs is not None and amsgrad:
-        new_vmax = torch._foreach_maximum(_widen(max_exp_avg_sqs), new_v)
-        denom = torch._foreach_sqrt(new_vmax)
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    if vmax is not None:
+        torch._foreach_maximum_(vmax, v)
+        denom = torch._foreach_sqrt(vmax)
     else:
-        new_vmax = None
-        denom = torch._foreach_sqrt(new_v)
+        denom = torch._foreach_sqrt(v)
 
     if steps_on_host:
-        counts = [float(s) for s in new_steps]  # host tensors: no device sync
+        counts = [float(c) for c in state_steps]  # host tensors: no device sync
         step_size = [(lr / (1 - beta1**c)) * -1 for c in counts]
         bc2_sqrt = [(1 - beta2**c) ** 0.5 for c in counts]
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
-        new_x = torch._foreach_addcdiv(x, new_m, denom, step_size)
+        torch._foreach_addcdiv_(x, m, denom, step_size)
     else:
-        s = [c.to(device=device, dtype=x[0].dtype) for c in new_steps]
-        bc1 = torch._foreach_pow(beta1, s)
-        bc2 = torch._foreach_pow(beta2, s)
-        bc2_sqrt_t = torch._foreach_sqrt([1 - b for b in bc2])
+        c = [t.to(device=device, dtype=x[0].dtype) for t in state_steps]
+        bc1 = torch._foreach_pow(beta1, c)
+        bc2_sqrt_t = torch._foreach_sqrt([1 - b for b in torch._foreach_pow(beta2, c)])
         torch._foreach_div_(denom, bc2_sqrt_t)
         torch._foreach_add_(denom, eps)
-        neg_step_size = [-lr / (1 - b) for b in bc1]
-        update = torch._foreach_div(new_m, denom)
-        torch._foreach_mul_(update, neg_step_size)
-        new_x = torch._foreach_add(x, update)
+        update = torch._foreach_div(m, denom)
+        torch._foreach_mul_(update, [-lr / (1 - b) for b in bc1])
+        torch._foreach_add_(x, update)
 
-    _commit(exp_avgs, new_m, skip)
-    _commit(exp_avg_sqs, new_v, skip)
-    if new_vmax is not None and max_exp_avg_sqs is not None:
-        _commit(max_exp_avg_sqs, new_vmax, skip)
-    _commit(params, new_x, skip)
+    if not in_place:
+        _commit(exp_avgs, m, skip)
+        _commit(exp_avg_sqs, v, skip)
+        if vmax is not None and max_exp_avg_sqs is not None:
+            _commit(max_exp_avg_sqs, vmax, skip)
+        _commit(params, x, skip)
 
 
 def sampa_points_(
@@ -302,12 +322,16 @@ def sampa_points_(
     gradient ``g_y`` (the momentum buffers are read, not written);
     params <- x~ = x + scale * g_y (unchanged where scale == 0).
     """
+    if len(params) == 0:
+        return
     x = _widen(params)
-    g = _widen(grads_y)
-    bufs = _widen(momentum_buffers) if momentum_buffers is not None else None
-    d, _ = _sgd_direction(
+    reads_bufs = momentum != 0 and not init_buffers and momentum_buffers is not None
+    bufs = _workspace(momentum_buffers, False) if reads_bufs and momentum_buffers else None
+    if momentum != 0 and init_buffers:
+        bufs = [torch.empty_like(t) for t in x]  # filled with d, then dropped
+    d = _sgd_direction(
         x,
-        g,
+        _widen(grads_y),
         bufs,
         momentum=momentum,
         dampening=dampening,
@@ -338,24 +362,13 @@ def sampa_update_(
 ) -> None:
     """params <- one ``torch.optim.SGD`` step from x (the backups) with
     gradient ``(1 - lam) * g~ + lam * g_y``; the momentum buffers are updated."""
-    x = _widen(backups)
+    if len(params) == 0:
+        return
     g = torch._foreach_mul(_widen(grads_tilde), 1 - lam)
     torch._foreach_add_(g, _widen(grads_y), alpha=lam)
-    bufs = _widen(momentum_buffers) if momentum_buffers is not None else None
-    d, new_bufs = _sgd_direction(
-        x,
-        g,
-        bufs,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        maximize=maximize,
-        init_buffers=init_buffers,
-    )
-    if new_bufs is not None and momentum_buffers is not None:
-        _commit(momentum_buffers, new_bufs, None)
-    _commit(params, torch._foreach_add(x, d, alpha=-lr), None)
+    restore_sgd_(params, backups, g, momentum_buffers, lr=lr, momentum=momentum,
+                 dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize, init_buffers=init_buffers)
 
 
 OPS = {
