@@ -37,23 +37,39 @@ AUTO_ORDER = {
 _AUTO_FALLBACK = ("torch",)
 
 
+ReasonFn = Callable[[str, bool], "str | None"]
+
+
+def _always_available(device_type: str, explicit: bool) -> str | None:
+    return None
+
+
 @dataclass
 class Backend:
     name: str
     ops: dict[str, Callable] = field(default_factory=dict)
-    # device type -> reason it cannot run there (None when it can)
-    unavailable_reason: Callable[[str], str | None] = lambda device_type: None
+    # (device type, asked for by name?) -> why it cannot run there, None when it can.
+    # ``explicit`` lets a backend do costly set-up (a just-in-time build) only when
+    # the user named it, never on behalf of ``backend="auto"``.
+    unavailable_reason: ReasonFn = _always_available
 
 
 _BACKENDS: dict[str, Backend] = {}
+# (backend name as asked, device type) -> the concrete backend. Availability does not
+# change within a process except through register_backend, which clears it.
+_RESOLVED: dict[tuple[str, str], str] = {}
 
 
 def register_backend(
     name: str,
     ops: dict[str, Callable],
-    unavailable_reason: Callable[[str], str | None] | None = None,
+    unavailable_reason: ReasonFn | None = None,
 ) -> None:
-    """Register (or replace) the op table of backend ``name``."""
+    """Register (or replace) the op table of backend ``name``.
+
+    ``unavailable_reason(device_type, explicit)`` says why the backend cannot
+    run on that device type (None when it can); ``explicit`` is True when the
+    user asked for this backend by name."""
     unknown = set(ops) - set(OP_NAMES)
     if unknown:
         raise ValueError(f"backend {name!r} registers unknown ops {sorted(unknown)}")
@@ -61,31 +77,41 @@ def register_backend(
     if unavailable_reason is not None:
         backend.unavailable_reason = unavailable_reason
     _BACKENDS[name] = backend
+    _RESOLVED.clear()
 
 
 def registered_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def why_unavailable(name: str, device_type: str) -> str | None:
+def why_unavailable(name: str, device_type: str, explicit: bool = True) -> str | None:
     """None when backend ``name`` can run on ``device_type``, else the reason."""
     backend = _BACKENDS.get(name)
     if backend is None:
         return f"backend {name!r} is not registered (known: {', '.join(_BACKENDS) or 'none'})"
-    return backend.unavailable_reason(device_type)
+    return backend.unavailable_reason(device_type, explicit)
 
 
 def resolve(name: str, device: torch.device) -> str:
     """The concrete backend that ``name`` means for tensors on ``device``."""
+    key = (name, device.type)
+    concrete = _RESOLVED.get(key)
+    if concrete is not None:
+        return concrete
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, _AUTO_FALLBACK):
-            if candidate in _BACKENDS and why_unavailable(candidate, device.type) is None:
-                return candidate
-        raise RuntimeError(f"no sam_fast backend can run on device {device}")
-    reason = why_unavailable(name, device.type)
-    if reason is not None:
-        raise RuntimeError(f"sam_fast backend {name!r} cannot run on {device.type}: {reason}")
-    return name
+            if candidate in _BACKENDS and why_unavailable(candidate, device.type, False) is None:
+                concrete = candidate
+                break
+        else:
+            raise RuntimeError(f"no sam_fast backend can run on device {device}")
+    else:
+        reason = why_unavailable(name, device.type, True)
+        if reason is not None:
+            raise RuntimeError(f"sam_fast backend {name!r} cannot run on {device.type}: {reason}")
+        concrete = name
+    _RESOLVED[key] = concrete
+    return concrete
 
 
 def lookup(op: str, backend: str, device: torch.device) -> Callable:

@@ -84,7 +84,7 @@ except Exception as exc:  # no Triton, or a Triton that cannot load here: never 
     _IMPORT_ERROR = f"Triton is not usable here ({type(exc).__name__}: {exc}); pip install triton"
 
 
-def unavailable_reason(device_type: str) -> str | None:
+def unavailable_reason(device_type: str, explicit: bool = True) -> str | None:
     """None when the kernels can run on ``device_type``, else why not."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR

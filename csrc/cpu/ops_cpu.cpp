@@ -1,0 +1,487 @@
+// CPU implementations of the sam_fast ops (the "cpp" backend).
+//
+// Every op is one fused pass over all the tensors of a group: the tensors are
+// cut into chunks of kChunk elements, and at::parallel_for hands chunks of
+// *all* tensors to the intra-op threads, so a model of many small tensors
+// keeps every core busy, unlike a per-parameter loop. The inner loops run over
+// plain contiguous arrays with restrict pointers, so the compiler vectorizes
+// them; the per-element math is csrc/elementwise.h, shared with CUDA.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../elementwise.h"
+#include "../op_args.h"
+
+namespace sam_fast::cpu {
+namespace {
+
+// Elements per chunk: large enough to amortize the per-chunk overhead, small
+// enough that a model's tensors split into many chunks to balance threads.
+constexpr int64_t kChunk = 16384;
+// Below this many elements in a whole call, waking threads costs more than it saves.
+constexpr int64_t kSerialBelow = 65536;
+
+struct Chunk {
+  int64_t tensor;  // index among the FlatLists' non-empty tensors
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Chunk> chunks_of(const FlatLists& lists) {
+  std::vector<Chunk> chunks;
+  for (size_t j = 0; j < lists.size(); ++j) {
+    const int64_t n = lists.numel(j);
+    for (int64_t b = 0; b < n; b += kChunk) {
+      chunks.push_back({static_cast<int64_t>(j), b, std::min(n, b + kChunk)});
+    }
+  }
+  return chunks;
+}
+
+// Runs f(chunk_index, chunk) over every chunk of every tensor, in parallel
+// when the call is large enough.
+template <typename F>
+void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total, const F& f) {
+  if (total < kSerialBelow) {
+    for (size_t c = 0; c < chunks.size(); ++c) f(static_cast<int64_t>(c), chunks[c]);
+    return;
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) f(c, chunks[c]);
+  });
+}
+
+int64_t total_numel(const FlatLists& lists) {
+  int64_t total = 0;
+  for (size_t j = 0; j < lists.size(); ++j) total += lists.numel(j);
+  return total;
+}
+
+template <typename T>
+T* at_chunk(const FlatLists& lists, size_t k, const Chunk& c) {
+  return static_cast<T*>(lists.ptrs(k)[c.tensor]) + c.begin;
+}
+
+template <typename T>
+inline float ld(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+inline T st(float v) {
+  return static_cast<T>(v);
+}
+
+// Calls f.template operator()<T>() for the storage dtype of the group.
+template <typename F>
+void dispatch_storage(at::ScalarType dtype, const char* op, const F& f) {
+  check_storage_dtype(dtype, op);
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    default:
+      f(at::BFloat16{});
+      break;
+  }
+}
+
+// Calls f(std::bool_constant<b>{}): a loop whose optional list is read or
+// written under a compile-time flag has no conditional loads or stores, so
+// the compiler can vectorize it.
+template <typename F>
+void with_flag(bool b, const F& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+float host_scalar(const at::Tensor& s, const char* what) {
+  return scalar_on(s, at::kCPU, what).item<float>();
+}
+
+// ---------------------------------------------------------------------------
+// grad_sumsq: per-chunk partial sums in a fixed lane order, then the partials
+// in chunk order: the same bits for any number of threads.
+
+constexpr int kLanes = 16;
+
+template <typename T, bool kWeighted>
+float chunk_sumsq(const T* __restrict g, const T* __restrict w, int64_t n, bool has_eta,
+                  float eta) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      float v = ld(g[i + l]);
+      if constexpr (kWeighted) {
+        float t = std::fabs(ld(w[i + l]));
+        if (has_eta) t = t + eta;
+        v = t * v;
+      }
+      acc[l] += v * v;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    float v = ld(g[i]);
+    if constexpr (kWeighted) {
+      float t = std::fabs(ld(w[i]));
+      if (has_eta) t = t + eta;
+      v = t * v;
+    }
+    acc[l] += v * v;
+  }
+  // Pairwise over the lanes: fixed order, and a little more accurate.
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  return acc[0];
+}
+
+at::Tensor grad_sumsq(at::TensorList grads, at::TensorList params, double eta) {
+  TORCH_CHECK(grads.size() > 0, "grad_sumsq needs at least one tensor");
+  const bool weighted = !params.empty();
+  FlatLists lists({{"grads", grads, true, false}, {"params", params, true, false}},
+                  "grad_sumsq");
+  check_storage_dtype(grads[0].scalar_type(), "grad_sumsq");
+  const auto chunks = chunks_of(lists);
+  std::vector<float> partial(chunks.size());
+  const float eta_f = static_cast<float>(eta);
+  dispatch_storage(lists.dtype(), "grad_sumsq", [&](auto tag) {
+    using T = decltype(tag);
+    for_each_chunk(chunks, total_numel(lists), [&](int64_t ci, const Chunk& c) {
+      const T* g = at_chunk<T>(lists, 0, c);
+      const int64_t n = c.end - c.begin;
+      partial[ci] = weighted ? chunk_sumsq<T, true>(g, at_chunk<T>(lists, 1, c), n,
+                                                    eta != 0.0, eta_f)
+                             : chunk_sumsq<T, false>(g, nullptr, n, false, 0.0f);
+    });
+  });
+  double sum = 0.0;
+  for (float p : partial) sum += p;
+  return at::scalar_tensor(static_cast<float>(sum), at::TensorOptions().dtype(at::kFloat));
+}
+
+// ---------------------------------------------------------------------------
+// perturb_: backups <- w; w <- w + e.
+
+template <typename T>
+void perturb_range(T* __restrict w, const T* __restrict g, T* __restrict b, int64_t n,
+                   float scale, bool adaptive, bool has_eta, float eta) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T wi = w[i];
+    const float x = ld(wi);
+    b[i] = wi;
+    w[i] = st<T>(x + perturbation(x, ld(g[i]), scale, adaptive, has_eta, eta));
+  }
+}
+
+void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+              const at::Tensor& scale, std::optional<double> eta) {
+  FlatLists lists({{"params", params, true, true},
+                   {"grads", grads, true, false},
+                   {"backups", backups, false, true}},
+                  "perturb_");
+  if (lists.empty()) return;
+  const float s = host_scalar(scale, "scale");
+  const bool adaptive = eta.has_value();
+  const float eta_f = static_cast<float>(eta.value_or(0.0));
+  const bool has_eta = adaptive && *eta != 0.0;
+  const auto chunks = chunks_of(lists);
+  dispatch_storage(lists.dtype(), "perturb_", [&](auto tag) {
+    using T = decltype(tag);
+    for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& c) {
+      perturb_range(at_chunk<T>(lists, 0, c), at_chunk<T>(lists, 1, c), at_chunk<T>(lists, 2, c),
+                    c.end - c.begin, s, adaptive, has_eta, eta_f);
+    });
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// restore_: w <- backup, bit for bit (a byte copy).
+
+void copy_lists(const FlatLists& lists, size_t dst, size_t src) {
+  const size_t elem = c10::elementSize(lists.dtype());
+  const auto chunks = chunks_of(lists);
+  for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& c) {
+    char* d = static_cast<char*>(lists.ptrs(dst)[c.tensor]) + c.begin * elem;
+    const char* s = static_cast<const char*>(lists.ptrs(src)[c.tensor]) + c.begin * elem;
+    std::memcpy(d, s, (c.end - c.begin) * elem);
+  });
+}
+
+void restore_(at::TensorList params, at::TensorList backups) {
+  FlatLists lists({{"params", params, false, true}, {"backups", backups, true, false}},
+                  "restore_");
+  if (lists.empty()) return;
+  check_storage_dtype(lists.dtype(), "restore_");
+  copy_lists(lists, 0, 1);
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// restore_sgd_: w <- backup, then torch.optim.SGD's step.
+
+template <typename T, bool kMomentum, bool kReadBuf>
+void restore_sgd_range(T* __restrict w, const T* __restrict b, const T* __restrict g,
+                       T* __restrict buf, int64_t n, const SgdCoeffs& c, bool unscale,
+                       float inv_scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = ld(b[i]);
+    float gi = ld(g[i]);
+    if (unscale) gi = gi * inv_scale;
+    float new_buf = 0.0f;
+    const float d = sgd_direction(c, x, gi, kReadBuf ? ld(buf[i]) : 0.0f, &new_buf);
+    if constexpr (kMomentum) buf[i] = st<T>(new_buf);
+    w[i] = st<T>(x + c.neg_lr * d);
+  }
+}
+
+// Calls f(momentum, read_buf) with both as std::bool_constant.
+template <typename F>
+void with_momentum_flags(const SgdCoeffs& c, const F& f) {
+  with_flag(c.has_momentum, [&](auto momentum) {
+    with_flag(c.has_momentum && !c.init_buffers, [&](auto read_buf) {
+      constexpr bool kMomentum = std::decay_t<decltype(momentum)>::value;
+      constexpr bool kReadBuf = std::decay_t<decltype(read_buf)>::value;
+      if constexpr (kMomentum || !kReadBuf) f(momentum, read_buf);
+    });
+  });
+}
+
+void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                  at::TensorList momentum_buffers, double lr, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, bool init_buffers,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
+              "restore_sgd_: momentum != 0 needs momentum_buffers");
+  const bool skip = found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0f;
+  if (skip) {
+    restore_(params, backups);
+    return;
+  }
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads", grads, true, false},
+                   {"momentum_buffers", has_momentum ? momentum_buffers : at::TensorList(),
+                    !init_buffers, true}},
+                  "restore_sgd_");
+  if (lists.empty()) return;
+  const SgdCoeffs c = make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                      init_buffers);
+  const bool unscale = grad_scale.has_value();
+  const float inv = unscale ? 1.0f / host_scalar(*grad_scale, "grad_scale") : 1.0f;
+  const auto chunks = chunks_of(lists);
+  dispatch_storage(lists.dtype(), "restore_sgd_", [&](auto tag) {
+    using T = decltype(tag);
+    with_momentum_flags(c, [&](auto momentum, auto read_buf) {
+      for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& ch) {
+        restore_sgd_range<T, decltype(momentum)::value, decltype(read_buf)::value>(
+            at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch), at_chunk<T>(lists, 2, ch),
+            has_momentum ? at_chunk<T>(lists, 3, ch) : nullptr, ch.end - ch.begin, c, unscale,
+            inv);
+      });
+    });
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// restore_adamw_: w <- backup, then torch.optim.Adam / AdamW's step.
+
+template <typename T, bool kAmsgrad>
+void restore_adam_range(T* __restrict w, const T* __restrict b, const T* __restrict g,
+                        T* __restrict m, T* __restrict v, T* __restrict vmax, int64_t n,
+                        const AdamCoeffs& c, const AdamStepScalars& s, bool unscale,
+                        float inv_scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    float gi = ld(g[i]);
+    if (unscale) gi = gi * inv_scale;
+    float mi = ld(m[i]);
+    float vi = ld(v[i]);
+    float vmaxi = kAmsgrad ? ld(vmax[i]) : 0.0f;
+    const float x =
+        adam_update<kAmsgrad>(c, s, /*host_counters=*/true, ld(b[i]), gi, &mi, &vi, &vmaxi);
+    m[i] = st<T>(mi);
+    v[i] = st<T>(vi);
+    if constexpr (kAmsgrad) vmax[i] = st<T>(vmaxi);
+    w[i] = st<T>(x);
+  }
+}
+
+void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+                    double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                    bool maximize, bool decoupled_weight_decay,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
+              "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
+  TORCH_CHECK(state_steps.size() == params.size(), "restore_adamw_: state_steps has ",
+              state_steps.size(), " tensors but params has ", params.size());
+  // CPU parameters keep their step counters on the host (steps_on_host checks).
+  TORCH_CHECK(steps_on_host(state_steps, at::kCPU),
+              "restore_adamw_: CPU parameters need host step counters");
+  if (found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0f) {
+    restore_(params, backups);
+    return;
+  }
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads", grads, true, false},
+                   {"exp_avgs", exp_avgs, true, true},
+                   {"exp_avg_sqs", exp_avg_sqs, true, true},
+                   {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList(), true, true}},
+                  "restore_adamw_");
+  if (!lists.empty()) check_storage_dtype(lists.dtype(), "restore_adamw_");
+  const auto scalars = bump_host_steps(state_steps, lists, lr, beta1, beta2);
+  if (lists.empty()) return;
+  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                        decoupled_weight_decay);
+  const bool unscale = grad_scale.has_value();
+  const float inv = unscale ? 1.0f / host_scalar(*grad_scale, "grad_scale") : 1.0f;
+  const auto chunks = chunks_of(lists);
+  dispatch_storage(lists.dtype(), "restore_adamw_", [&](auto tag) {
+    using T = decltype(tag);
+    with_flag(amsgrad, [&](auto ams) {
+      for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& ch) {
+        restore_adam_range<T, decltype(ams)::value>(
+            at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch), at_chunk<T>(lists, 2, ch),
+            at_chunk<T>(lists, 3, ch), at_chunk<T>(lists, 4, ch),
+            amsgrad ? at_chunk<T>(lists, 5, ch) : nullptr, ch.end - ch.begin, c,
+            scalars[ch.tensor], unscale, inv);
+      });
+    });
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// sampa_points_: backups <- x; ys <- SGD lookahead of x with g_y; x <- x + scale * g_y.
+
+template <typename T, bool kReadBuf>
+void sampa_points_range(T* __restrict w, const T* __restrict gy, const T* __restrict buf,
+                        T* __restrict b, T* __restrict y, int64_t n, const SgdCoeffs& c,
+                        float scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T wi = w[i];
+    const float x = ld(wi);
+    const float g = ld(gy[i]);
+    float unused = 0.0f;
+    const float d = sgd_direction(c, x, g, kReadBuf ? ld(buf[i]) : 0.0f, &unused);
+    y[i] = st<T>(x + c.neg_lr * d);
+    b[i] = wi;
+    w[i] = st<T>(x + perturbation(x, g, scale, false, false, 0.0f));
+  }
+}
+
+void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList momentum_buffers,
+                   at::TensorList backups, at::TensorList ys, const at::Tensor& scale, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov,
+                   bool maximize, bool init_buffers) {
+  const bool reads_buffers = momentum != 0.0 && !init_buffers;
+  TORCH_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
+              "sampa_points_: momentum != 0 needs momentum_buffers");
+  FlatLists lists({{"params", params, true, true},
+                   {"grads_y", grads_y, true, false},
+                   {"momentum_buffers", reads_buffers ? momentum_buffers : at::TensorList(), true,
+                    false},
+                   {"backups", backups, false, true},
+                   {"ys", ys, false, true}},
+                  "sampa_points_");
+  if (lists.empty()) return;
+  const SgdCoeffs c = make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                      init_buffers);
+  const float s = host_scalar(scale, "scale");
+  const auto chunks = chunks_of(lists);
+  dispatch_storage(lists.dtype(), "sampa_points_", [&](auto tag) {
+    using T = decltype(tag);
+    with_flag(reads_buffers, [&](auto read_buf) {
+      for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& ch) {
+        sampa_points_range<T, decltype(read_buf)::value>(
+            at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch),
+            reads_buffers ? at_chunk<T>(lists, 2, ch) : nullptr, at_chunk<T>(lists, 3, ch),
+            at_chunk<T>(lists, 4, ch), ch.end - ch.begin, c, s);
+      });
+    });
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// sampa_update_: w <- SGD step from x = backups with (1 - lam) g~ + lam g_y.
+
+template <typename T, bool kMomentum, bool kReadBuf>
+void sampa_update_range(T* __restrict w, const T* __restrict b, const T* __restrict gt,
+                        const T* __restrict gy, T* __restrict buf, int64_t n, const SgdCoeffs& c,
+                        float one_minus_lam, float lam) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = ld(b[i]);
+    const float g = ld(gt[i]) * one_minus_lam + lam * ld(gy[i]);
+    float new_buf = 0.0f;
+    const float d = sgd_direction(c, x, g, kReadBuf ? ld(buf[i]) : 0.0f, &new_buf);
+    if constexpr (kMomentum) buf[i] = st<T>(new_buf);
+    w[i] = st<T>(x + c.neg_lr * d);
+  }
+}
+
+void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList grads_tilde,
+                   at::TensorList grads_y, at::TensorList momentum_buffers, double lam, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov,
+                   bool maximize, bool init_buffers) {
+  const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
+              "sampa_update_: momentum != 0 needs momentum_buffers");
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads_tilde", grads_tilde, true, false},
+                   {"grads_y", grads_y, true, false},
+                   {"momentum_buffers", has_momentum ? momentum_buffers : at::TensorList(),
+                    !init_buffers, true}},
+                  "sampa_update_");
+  if (lists.empty()) return;
+  const SgdCoeffs c = make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                      init_buffers);
+  const float one_minus_lam = static_cast<float>(1.0 - lam);
+  const float lam_f = static_cast<float>(lam);
+  const auto chunks = chunks_of(lists);
+  dispatch_storage(lists.dtype(), "sampa_update_", [&](auto tag) {
+    using T = decltype(tag);
+    with_momentum_flags(c, [&](auto momentum, auto read_buf) {
+      for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& ch) {
+        sampa_update_range<T, decltype(momentum)::value, decltype(read_buf)::value>(
+            at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch), at_chunk<T>(lists, 2, ch),
+            at_chunk<T>(lists, 3, ch), has_momentum ? at_chunk<T>(lists, 4, ch) : nullptr,
+            ch.end - ch.begin, c, one_minus_lam, lam_f);
+      });
+    });
+  });
+  lists.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
+  m.impl("grad_sumsq", &grad_sumsq);
+  m.impl("perturb_", &perturb_);
+  m.impl("restore_", &restore_);
+  m.impl("restore_sgd_", &restore_sgd_);
+  m.impl("restore_adamw_", &restore_adamw_);
+  m.impl("sampa_points_", &sampa_points_);
+  m.impl("sampa_update_", &sampa_update_);
+}
+
+}  // namespace sam_fast::cpu

@@ -1,0 +1,646 @@
+// CUDA implementations of the sam_fast ops (the "cuda" backend).
+//
+// One translation unit on purpose: nvcc's cost is dominated by PyTorch's
+// headers, so every kernel lives here. Each op is one multi-tensor-apply
+// launch (multi_tensor_apply.cuh) over all tensors of a group; the norm adds
+// one tiny cleanup launch. Everything runs on the current stream and reads
+// device scalars (scale, grad_scale, found_inf, step counters) in the kernels,
+// so no op synchronizes with the host and a whole step can be captured in a
+// CUDA graph. Storage is fp32, fp16 or bf16; math is fp32 (elementwise.h).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../elementwise.h"
+#include "../op_args.h"
+#include "multi_tensor_apply.cuh"
+
+namespace sam_fast::cuda {
+namespace {
+
+// ---------------------------------------------------------------------------
+// The elementwise kernel: per block one chunk of one tensor; 16-byte vector
+// loads and stores where every pointer of the chunk is 16-byte aligned, a
+// scalar loop for the rest (the tail, or misaligned views).
+
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ float ld(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+__device__ __forceinline__ T st(float v) {
+  return static_cast<T>(v);
+}
+
+__device__ __forceinline__ bool bit(unsigned mask, int k) { return (mask >> k) & 1u; }
+
+// Op: a functor with
+//   Ctx prepare(const Extra&) const   -- per-block constants (device scalars read once)
+//   unsigned reads(const Ctx&) const, writes(const Ctx&) const  -- list bitmasks
+//   void apply(T (&e)[Depth], const Ctx&) const  -- one element of every list
+template <int Depth, typename Extra, typename T, typename Op>
+__global__ void __launch_bounds__(kBlockSize)
+    elementwise_kernel(const TensorListMetadata<Depth, Extra> meta, const Op op) {
+  const int t = meta.block_to_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t remaining = meta.numel[t] - start;
+  const int64_t n = remaining < kChunkSize ? remaining : kChunkSize;
+  const auto ctx = op.prepare(meta.extra[std::is_empty_v<Extra> ? 0 : t]);
+  const unsigned reads = op.reads(ctx);
+  const unsigned writes = op.writes(ctx);
+
+  T* p[Depth];
+  bool aligned = true;
+#pragma unroll
+  for (int k = 0; k < Depth; ++k) {
+    void* base = meta.addresses[k][t];
+    p[k] = base == nullptr ? nullptr : static_cast<T*>(base) + start;
+    aligned = aligned && (reinterpret_cast<uintptr_t>(p[k]) % 16 == 0);
+  }
+
+  int64_t done = 0;
+  if (aligned) {
+    using V = Vec16<T>;
+    const int64_t nvec = n / V::kSize;
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      V r[Depth];
+#pragma unroll
+      for (int k = 0; k < Depth; ++k) {
+        if (bit(reads, k)) r[k] = reinterpret_cast<const V*>(p[k])[i];
+      }
+#pragma unroll
+      for (int j = 0; j < V::kSize; ++j) {
+        T e[Depth];
+#pragma unroll
+        for (int k = 0; k < Depth; ++k) e[k] = r[k].v[j];
+        op.apply(e, ctx);
+#pragma unroll
+        for (int k = 0; k < Depth; ++k) r[k].v[j] = e[k];
+      }
+#pragma unroll
+      for (int k = 0; k < Depth; ++k) {
+        if (bit(writes, k)) reinterpret_cast<V*>(p[k])[i] = r[k];
+      }
+    }
+    done = nvec * V::kSize;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    T e[Depth];
+#pragma unroll
+    for (int k = 0; k < Depth; ++k) {
+      if (bit(reads, k)) e[k] = p[k][i];
+    }
+    op.apply(e, ctx);
+#pragma unroll
+    for (int k = 0; k < Depth; ++k) {
+      if (bit(writes, k)) p[k][i] = e[k];
+    }
+  }
+}
+
+template <int Depth, typename T, typename Extra, typename Op>
+void launch_elementwise(const FlatLists& lists, const std::vector<Extra>& extras, const Op& op) {
+  static_assert(sizeof(Op) <= kOpParamBytes, "op functor too large for the kernel parameters");
+  std::vector<std::vector<void*>> ptrs;
+  for (int k = 0; k < Depth; ++k) ptrs.push_back(lists.ptrs(k));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  multi_tensor_apply<Depth, Extra>(
+      ptrs, lists.numels(), extras,
+      [&](const TensorListMetadata<Depth, Extra>& meta, int blocks, int64_t) {
+        elementwise_kernel<Depth, Extra, T, Op><<<blocks, kBlockSize, 0, stream>>>(meta, op);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+// Calls f(T{}) for the group's storage dtype.
+template <typename F>
+void dispatch_storage(at::ScalarType dtype, const char* op, const F& f) {
+  check_storage_dtype(dtype, op);
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    default:
+      f(at::BFloat16{});
+      break;
+  }
+}
+
+const float* scalar_ptr(const std::optional<at::Tensor>& s) {
+  return s.has_value() ? s->data_ptr<float>() : nullptr;
+}
+
+struct NoCtx {};
+
+// ---------------------------------------------------------------------------
+// grad_sumsq: per-block partials of a fixed reduction tree, then one block sums
+// the partials in a fixed order (no atomics): same inputs, same bits. A NaN
+// or inf anywhere propagates through the sums, so the result itself is the
+// non-finite flag that SAM reads (a non-finite norm skips the perturbation).
+
+template <typename Acc>
+__device__ Acc block_sum(Acc v) {
+  __shared__ Acc warp_sums[kBlockSize / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kBlockSize / 32 ? warp_sums[lane] : Acc(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;  // valid in thread 0
+}
+
+struct SumsqArgs {
+  float* partials;  // one per block of the whole call
+  int64_t first_block;
+  bool weighted;    // ASAM: ((|w| + eta) * g)^2
+  bool has_eta;
+  float eta;
+};
+
+template <typename T>
+__device__ __forceinline__ float sumsq_term(T g, T w, const SumsqArgs& a) {
+  float v = ld(g);
+  if (a.weighted) {
+    float t = fabsf(ld(w));
+    if (a.has_eta) t = t + a.eta;
+    v = t * v;
+  }
+  return v * v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockSize)
+    sumsq_kernel(const TensorListMetadata<2, NoExtra> meta, const SumsqArgs a) {
+  const int t = meta.block_to_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t remaining = meta.numel[t] - start;
+  const int64_t n = remaining < kChunkSize ? remaining : kChunkSize;
+  const T* g = static_cast<const T*>(meta.addresses[0][t]) + start;
+  const T* w = a.weighted ? static_cast<const T*>(meta.addresses[1][t]) + start : g;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(g) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  float acc = 0.0f;
+  int64_t done = 0;
+  if (aligned) {
+    using V = Vec16<T>;
+    const int64_t nvec = n / V::kSize;
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      const V gv = reinterpret_cast<const V*>(g)[i];
+      V wv = gv;
+      if (a.weighted) wv = reinterpret_cast<const V*>(w)[i];
+#pragma unroll
+      for (int j = 0; j < V::kSize; ++j) acc += sumsq_term(gv.v[j], wv.v[j], a);
+    }
+    done = nvec * V::kSize;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) acc += sumsq_term(g[i], w[i], a);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) a.partials[a.first_block + blockIdx.x] = acc;
+}
+
+__global__ void __launch_bounds__(kBlockSize)
+    sum_partials_kernel(const float* partials, int64_t n, float* out) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) *out = static_cast<float>(acc);
+}
+
+at::Tensor grad_sumsq(at::TensorList grads, at::TensorList params, double eta) {
+  TORCH_CHECK(grads.size() > 0, "grad_sumsq needs at least one tensor");
+  const bool weighted = !params.empty();
+  FlatLists lists({{"grads", grads, true, false}, {"params", params, true, false}},
+                  "grad_sumsq");
+  check_storage_dtype(grads[0].scalar_type(), "grad_sumsq");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  auto options = grads[0].options().dtype(at::kFloat);
+  at::Tensor out = at::empty({}, options);
+  int64_t blocks = 0;
+  for (size_t j = 0; j < lists.size(); ++j) blocks += (lists.numel(j) + kChunkSize - 1) / kChunkSize;
+  at::Tensor partials = at::empty({blocks > 0 ? blocks : 1}, options);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (blocks > 0) {
+    SumsqArgs a{partials.data_ptr<float>(), 0, weighted, eta != 0.0, static_cast<float>(eta)};
+    dispatch_storage(lists.dtype(), "grad_sumsq", [&](auto tag) {
+      using T = decltype(tag);
+      multi_tensor_apply<2, NoExtra>(
+          {lists.ptrs(0), lists.ptrs(1)}, lists.numels(), {},
+          [&](const TensorListMetadata<2, NoExtra>& meta, int nb, int64_t first) {
+            SumsqArgs args = a;
+            args.first_block = first;
+            sumsq_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, args);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+    });
+  }
+  sum_partials_kernel<<<1, kBlockSize, 0, stream>>>(partials.data_ptr<float>(), blocks,
+                                                   out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// perturb_: lists w (read, written), g, backup (written).
+
+struct PerturbOp {
+  const float* scale;
+  bool adaptive;
+  bool has_eta;
+  float eta;
+
+  __device__ float prepare(NoExtra) const { return *scale; }
+  __device__ unsigned reads(float) const { return 0b011u; }
+  __device__ unsigned writes(float) const { return 0b101u; }
+  template <typename T>
+  __device__ void apply(T (&e)[3], float s) const {
+    const float x = ld(e[0]);
+    e[2] = e[0];
+    e[0] = st<T>(x + perturbation(x, ld(e[1]), s, adaptive, has_eta, eta));
+  }
+};
+
+void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+              const at::Tensor& scale, std::optional<double> eta) {
+  FlatLists lists({{"params", params, true, true},
+                   {"grads", grads, true, false},
+                   {"backups", backups, false, true}},
+                  "perturb_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const at::Tensor s = scalar_on(scale, lists.device(), "scale");
+  const bool adaptive = eta.has_value();
+  const PerturbOp op{s.data_ptr<float>(), adaptive, adaptive && *eta != 0.0,
+                     static_cast<float>(eta.value_or(0.0))};
+  dispatch_storage(lists.dtype(), "perturb_", [&](auto tag) {
+    launch_elementwise<3, decltype(tag), NoExtra>(lists, {}, op);
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// restore_: lists w (written), backup: a copy of the stored bits.
+
+struct CopyOp {
+  __device__ NoCtx prepare(NoExtra) const { return {}; }
+  __device__ unsigned reads(NoCtx) const { return 0b10u; }
+  __device__ unsigned writes(NoCtx) const { return 0b01u; }
+  template <typename T>
+  __device__ void apply(T (&e)[2], NoCtx) const {
+    e[0] = e[1];
+  }
+};
+
+void restore_(at::TensorList params, at::TensorList backups) {
+  FlatLists lists({{"params", params, false, true}, {"backups", backups, true, false}},
+                  "restore_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  dispatch_storage(lists.dtype(), "restore_", [&](auto tag) {
+    launch_elementwise<2, decltype(tag), NoExtra>(lists, {}, CopyOp{});
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// restore_sgd_: lists w (written), backup, g, momentum buffer.
+
+struct StepCtx {
+  bool skip;  // found_inf: restore only
+  float inv_scale;
+};
+
+__device__ __forceinline__ StepCtx step_ctx(const float* grad_scale, const float* found_inf) {
+  StepCtx c;
+  c.skip = found_inf != nullptr && *found_inf != 0.0f;
+  c.inv_scale = grad_scale != nullptr ? 1.0f / *grad_scale : 1.0f;
+  return c;
+}
+
+struct SgdOp {
+  SgdCoeffs c;
+  const float* grad_scale;  // may be null
+  const float* found_inf;   // may be null
+
+  __device__ StepCtx prepare(NoExtra) const { return step_ctx(grad_scale, found_inf); }
+  __device__ unsigned reads(const StepCtx&) const {
+    return 0b0110u | (c.has_momentum && !c.init_buffers ? 0b1000u : 0u);
+  }
+  __device__ unsigned writes(const StepCtx& ctx) const {
+    return ctx.skip ? 0b0001u : (0b0001u | (c.has_momentum ? 0b1000u : 0u));
+  }
+  template <typename T>
+  __device__ void apply(T (&e)[4], const StepCtx& ctx) const {
+    if (ctx.skip) {
+      e[0] = e[1];
+      return;
+    }
+    const float x = ld(e[1]);
+    float g = ld(e[2]);
+    if (grad_scale != nullptr) g = g * ctx.inv_scale;
+    float new_buf = 0.0f;
+    const bool read_buf = c.has_momentum && !c.init_buffers;
+    const float d = sgd_direction(c, x, g, read_buf ? ld(e[3]) : 0.0f, &new_buf);
+    if (c.has_momentum) e[3] = st<T>(new_buf);
+    e[0] = st<T>(x + c.neg_lr * d);
+  }
+};
+
+std::optional<at::Tensor> optional_scalar_on(const std::optional<at::Tensor>& s,
+                                             at::Device device, const char* what) {
+  if (!s.has_value()) return std::nullopt;
+  return scalar_on(*s, device, what);
+}
+
+void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                  at::TensorList momentum_buffers, double lr, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, bool init_buffers,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
+              "restore_sgd_: momentum != 0 needs momentum_buffers");
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads", grads, true, false},
+                   {"momentum_buffers", has_momentum ? momentum_buffers : at::TensorList(),
+                    !init_buffers, true}},
+                  "restore_sgd_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const auto gs = optional_scalar_on(grad_scale, lists.device(), "grad_scale");
+  const auto fi = optional_scalar_on(found_inf, lists.device(), "found_inf");
+  const SgdOp op{make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                 init_buffers),
+                 scalar_ptr(gs), scalar_ptr(fi)};
+  dispatch_storage(lists.dtype(), "restore_sgd_", [&](auto tag) {
+    launch_elementwise<4, decltype(tag), NoExtra>(lists, {}, op);
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// restore_adamw_: lists w (written), backup, g, exp_avg, exp_avg_sq, max_exp_avg_sq.
+
+struct AdamExtra {
+  const void* step;        // device step counter (null with host counters)
+  AdamStepScalars host;    // bias corrections computed on the host
+};
+
+struct AdamCtx {
+  StepCtx step;
+  AdamStepScalars s;
+};
+
+struct AdamOp {
+  AdamCoeffs c;
+  const float* grad_scale;
+  const float* found_inf;
+  bool host_counters;
+  bool step_is_double;
+
+  __device__ AdamCtx prepare(const AdamExtra& extra) const {
+    AdamCtx ctx;
+    ctx.step = step_ctx(grad_scale, found_inf);
+    if (host_counters) {
+      ctx.s = extra.host;
+    } else {
+      // The counters were bumped by the launch before this one; torch_ops
+      // converts them to the math dtype (fp32) before taking powers.
+      const float step = step_is_double ? static_cast<float>(*static_cast<const double*>(extra.step))
+                                        : *static_cast<const float*>(extra.step);
+      ctx.s = adam_device_step_scalars(c, step);
+    }
+    return ctx;
+  }
+  __device__ unsigned reads(const AdamCtx&) const {
+    return 0b011110u | (c.amsgrad ? 0b100000u : 0u);
+  }
+  __device__ unsigned writes(const AdamCtx& ctx) const {
+    return ctx.step.skip ? 0b000001u : (0b011001u | (c.amsgrad ? 0b100000u : 0u));
+  }
+  template <typename T>
+  __device__ void apply(T (&e)[6], const AdamCtx& ctx) const {
+    if (ctx.step.skip) {
+      e[0] = e[1];
+      return;
+    }
+    float g = ld(e[2]);
+    if (grad_scale != nullptr) g = g * ctx.step.inv_scale;
+    float m = ld(e[3]);
+    float v = ld(e[4]);
+    float vmax = c.amsgrad ? ld(e[5]) : 0.0f;
+    const float x =
+        c.amsgrad ? adam_update<true>(c, ctx.s, host_counters, ld(e[1]), g, &m, &v, &vmax)
+                  : adam_update<false>(c, ctx.s, host_counters, ld(e[1]), g, &m, &v, &vmax);
+    e[3] = st<T>(m);
+    e[4] = st<T>(v);
+    if (c.amsgrad) e[5] = st<T>(vmax);
+    e[0] = st<T>(x);
+  }
+};
+
+void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+                    double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                    bool maximize, bool decoupled_weight_decay,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
+              "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
+  TORCH_CHECK(state_steps.size() == params.size(), "restore_adamw_: state_steps has ",
+              state_steps.size(), " tensors but params has ", params.size());
+  TORCH_CHECK(params.size() > 0, "restore_adamw_: params is empty");
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const bool host = steps_on_host(state_steps, device);
+  std::optional<at::Tensor> fi = optional_scalar_on(found_inf, device, "found_inf");
+  if (host && fi.has_value()) {
+    // Host counters cannot be bumped conditionally without reading the flag:
+    // the one host sync, as in torch_ops and GradScaler's default path.
+    // Adam(capturable=True) keeps the counters on the device and avoids it.
+    if (fi->item<float>() != 0.0f) {
+      restore_(params, backups);
+      return;
+    }
+    fi.reset();
+  }
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads", grads, true, false},
+                   {"exp_avgs", exp_avgs, true, true},
+                   {"exp_avg_sqs", exp_avg_sqs, true, true},
+                   {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList(), true, true}},
+                  "restore_adamw_");
+  if (!lists.empty()) check_storage_dtype(lists.dtype(), "restore_adamw_");
+
+  std::vector<AdamExtra> extras(lists.size());
+  bool step_is_double = false;
+  if (host) {
+    const auto scalars = bump_host_steps(state_steps, lists, lr, beta1, beta2);
+    for (size_t j = 0; j < lists.size(); ++j) extras[j] = {nullptr, scalars[j]};
+  } else {
+    const at::ScalarType step_dtype = state_steps[0].scalar_type();
+    TORCH_CHECK(step_dtype == at::kFloat || step_dtype == at::kDouble,
+                "restore_adamw_: Adam's step counters are float32 or float64, got ", step_dtype);
+    for (size_t i = 0; i < state_steps.size(); ++i) {
+      TORCH_CHECK(state_steps[i].scalar_type() == step_dtype && state_steps[i].numel() == 1,
+                  "restore_adamw_: state_steps[", i, "] must be a one-element ", step_dtype,
+                  " tensor like state_steps[0]");
+    }
+    step_is_double = step_dtype == at::kDouble;
+    // Bump first (a separate launch, so every block of the update reads the
+    // new count); where found_inf is set the counters stay.
+    if (fi.has_value()) {
+      at::_foreach_add_(state_steps, fi->eq(0).to(step_dtype));
+    } else {
+      at::_foreach_add_(state_steps, 1);
+    }
+    for (size_t j = 0; j < lists.size(); ++j) {
+      extras[j] = {state_steps[lists.index(j)].data_ptr(), {}};
+    }
+  }
+  if (lists.empty()) return;
+  const auto gs = optional_scalar_on(grad_scale, device, "grad_scale");
+  const AdamOp op{make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                   decoupled_weight_decay),
+                  scalar_ptr(gs), scalar_ptr(fi), host, step_is_double};
+  dispatch_storage(lists.dtype(), "restore_adamw_", [&](auto tag) {
+    launch_elementwise<6, decltype(tag), AdamExtra>(lists, extras, op);
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// sampa_points_: lists x (read, written), g_y, momentum buffer (read), backup, y.
+
+struct SampaPointsOp {
+  SgdCoeffs c;
+  const float* scale;
+
+  __device__ float prepare(NoExtra) const { return *scale; }
+  __device__ unsigned reads(float) const {
+    return 0b00011u | (c.has_momentum && !c.init_buffers ? 0b00100u : 0u);
+  }
+  __device__ unsigned writes(float) const { return 0b11001u; }
+  template <typename T>
+  __device__ void apply(T (&e)[5], float s) const {
+    const float x = ld(e[0]);
+    const float g = ld(e[1]);
+    float unused = 0.0f;
+    const bool read_buf = c.has_momentum && !c.init_buffers;
+    const float d = sgd_direction(c, x, g, read_buf ? ld(e[2]) : 0.0f, &unused);
+    e[4] = st<T>(x + c.neg_lr * d);
+    e[3] = e[0];
+    e[0] = st<T>(x + perturbation(x, g, s, false, false, 0.0f));
+  }
+};
+
+void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList momentum_buffers,
+                   at::TensorList backups, at::TensorList ys, const at::Tensor& scale, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov,
+                   bool maximize, bool init_buffers) {
+  const bool reads_buffers = momentum != 0.0 && !init_buffers;
+  TORCH_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
+              "sampa_points_: momentum != 0 needs momentum_buffers");
+  FlatLists lists({{"params", params, true, true},
+                   {"grads_y", grads_y, true, false},
+                   {"momentum_buffers", reads_buffers ? momentum_buffers : at::TensorList(), true,
+                    false},
+                   {"backups", backups, false, true},
+                   {"ys", ys, false, true}},
+                  "sampa_points_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const at::Tensor s = scalar_on(scale, lists.device(), "scale");
+  const SampaPointsOp op{make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov,
+                                         maximize, init_buffers),
+                         s.data_ptr<float>()};
+  dispatch_storage(lists.dtype(), "sampa_points_", [&](auto tag) {
+    launch_elementwise<5, decltype(tag), NoExtra>(lists, {}, op);
+  });
+  lists.finish();
+}
+
+// ---------------------------------------------------------------------------
+// sampa_update_: lists w (written), backup x, g~, g_y, momentum buffer.
+
+struct SampaUpdateOp {
+  SgdCoeffs c;
+  float one_minus_lam;
+  float lam;
+
+  __device__ NoCtx prepare(NoExtra) const { return {}; }
+  __device__ unsigned reads(NoCtx) const {
+    return 0b01110u | (c.has_momentum && !c.init_buffers ? 0b10000u : 0u);
+  }
+  __device__ unsigned writes(NoCtx) const { return 0b00001u | (c.has_momentum ? 0b10000u : 0u); }
+  template <typename T>
+  __device__ void apply(T (&e)[5], NoCtx) const {
+    const float x = ld(e[1]);
+    const float g = ld(e[2]) * one_minus_lam + lam * ld(e[3]);
+    float new_buf = 0.0f;
+    const bool read_buf = c.has_momentum && !c.init_buffers;
+    const float d = sgd_direction(c, x, g, read_buf ? ld(e[4]) : 0.0f, &new_buf);
+    if (c.has_momentum) e[4] = st<T>(new_buf);
+    e[0] = st<T>(x + c.neg_lr * d);
+  }
+};
+
+void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList grads_tilde,
+                   at::TensorList grads_y, at::TensorList momentum_buffers, double lam, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov,
+                   bool maximize, bool init_buffers) {
+  const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
+              "sampa_update_: momentum != 0 needs momentum_buffers");
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads_tilde", grads_tilde, true, false},
+                   {"grads_y", grads_y, true, false},
+                   {"momentum_buffers", has_momentum ? momentum_buffers : at::TensorList(),
+                    !init_buffers, true}},
+                  "sampa_update_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const SampaUpdateOp op{make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov,
+                                         maximize, init_buffers),
+                         static_cast<float>(1.0 - lam), static_cast<float>(lam)};
+  dispatch_storage(lists.dtype(), "sampa_update_", [&](auto tag) {
+    launch_elementwise<5, decltype(tag), NoExtra>(lists, {}, op);
+  });
+  lists.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
+  m.impl("grad_sumsq", &grad_sumsq);
+  m.impl("perturb_", &perturb_);
+  m.impl("restore_", &restore_);
+  m.impl("restore_sgd_", &restore_sgd_);
+  m.impl("restore_adamw_", &restore_adamw_);
+  m.impl("sampa_points_", &sampa_points_);
+  m.impl("sampa_update_", &sampa_update_);
+}
+
+}  // namespace sam_fast::cuda

@@ -1,0 +1,235 @@
+// Host-side argument handling shared by the CPU and CUDA implementations:
+// validating the aligned tensor lists, bringing them to one flat memory
+// layout, and turning the Python-float options into the fp32 coefficients
+// the kernels use (rounded once, as torch's opmath does).
+//
+// Header-only on purpose: the CUDA kernels may be compiled just in time into
+// a library of their own (sam_fast/_extension.py), which needs this too.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "elementwise.h"
+
+namespace sam_fast {
+
+// One aligned tensor list of an op: its name (for messages), whether the
+// kernel reads and/or writes it, and whether it may be empty (an absent
+// optional list, e.g. momentum buffers when momentum == 0).
+struct ListSpec {
+  const char* name;
+  at::TensorList tensors;
+  bool read;
+  bool written;
+};
+
+// Strides that agree wherever they matter (dimensions of size > 1): then
+// element k of one tensor's memory is element k of the other's.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// The lists of one op call as flat arrays of equal length: position i of every
+// list points at numel[i] elements laid out alike, so a kernel can treat them
+// as 1-d. Parameters are dense in practice (then nothing is copied); any
+// other layout (a strided view, a gradient whose strides differ from its
+// parameter's) is staged through a temporary in the first list's layout and
+// written back by finish(), so every layout gives the correct result.
+class FlatLists {
+ public:
+  FlatLists(const std::vector<ListSpec>& specs, const char* op) : specs_(specs) {
+    TORCH_CHECK(!specs.empty(), op, ": no tensor lists");
+    const auto& lead = specs[0].tensors;
+    const size_t n = lead.size();
+    ptrs_.assign(specs.size(), {});
+    for (size_t k = 0; k < specs.size(); ++k) {
+      const size_t len = specs[k].tensors.size();
+      TORCH_CHECK(len == n || (len == 0 && k > 0), op, ": ", specs[k].name, " has ", len,
+                  " tensors but ", specs[0].name, " has ", n);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& ref = lead[i];
+      TORCH_CHECK(ref.defined(), op, ": ", specs[0].name, "[", i, "] is undefined");
+      if (i == 0) {
+        device_ = ref.device();
+        dtype_ = ref.scalar_type();
+      }
+      TORCH_CHECK(ref.device() == device_, op, ": ", specs[0].name, "[", i, "] is on ",
+                  ref.device(), " but ", specs[0].name, "[0] is on ", device_,
+                  "; call the op once per device");
+      TORCH_CHECK(ref.scalar_type() == dtype_, op, ": ", specs[0].name, "[", i, "] is ",
+                  ref.scalar_type(), " but ", specs[0].name, "[0] is ", dtype_,
+                  "; call the op once per dtype");
+      if (ref.numel() == 0) continue;
+      const bool ref_dense = ref.is_non_overlapping_and_dense();
+      for (size_t k = 0; k < specs.size(); ++k) {
+        if (specs[k].tensors.empty()) continue;
+        const at::Tensor& t = specs[k].tensors[i];
+        TORCH_CHECK(t.defined(), op, ": ", specs[k].name, "[", i, "] is undefined");
+        TORCH_CHECK(t.device() == device_, op, ": ", specs[k].name, "[", i, "] is on ",
+                    t.device(), " but ", specs[0].name, "[", i, "] is on ", device_);
+        TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", specs[k].name, "[", i, "] is ",
+                    t.scalar_type(), " but ", specs[0].name, "[", i, "] is ", dtype_,
+                    "; every list of a group must share the parameters' dtype");
+        TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", specs[k].name, "[", i, "] has shape ",
+                    t.sizes(), " but ", specs[0].name, "[", i, "] has ", ref.sizes());
+        if (specs[k].written) {
+          TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ",
+                      specs[k].name, "[", i, "] has elements that share memory (an expanded "
+                      "view?); it cannot be written in place");
+        }
+        const bool direct = ref_dense && t.is_non_overlapping_and_dense() && same_layout(t, ref);
+        at::Tensor flat = t;
+        if (!direct) {
+          flat = ref_dense ? at::empty_strided(ref.sizes(), ref.strides(), ref.options())
+                           : at::empty(ref.sizes(), ref.options());
+          if (specs[k].read) flat.copy_(t);
+          if (specs[k].written) write_back_.emplace_back(t, flat);
+        }
+        ptrs_[k].push_back(flat.data_ptr());
+        staged_.push_back(std::move(flat));
+      }
+      numel_.push_back(ref.numel());
+      index_.push_back(static_cast<int64_t>(i));
+    }
+  }
+
+  // Copies staged outputs back into the caller's tensors.
+  void finish() {
+    for (auto& [dst, src] : write_back_) dst.copy_(src);
+    write_back_.clear();
+  }
+
+  // Tensors with at least one element (empty ones need no work).
+  size_t size() const { return numel_.size(); }
+  bool empty() const { return numel_.empty(); }
+  int64_t numel(size_t j) const { return numel_[j]; }
+  const std::vector<int64_t>& numels() const { return numel_; }
+  // Position in the caller's lists of the j-th non-empty tensor.
+  int64_t index(size_t j) const { return index_[j]; }
+  // Data pointers of list k, one per non-empty tensor (empty when the list is absent).
+  const std::vector<void*>& ptrs(size_t k) const { return ptrs_[k]; }
+  at::ScalarType dtype() const { return dtype_; }
+  at::Device device() const { return device_; }
+
+ private:
+  std::vector<ListSpec> specs_;
+  std::vector<std::vector<void*>> ptrs_;
+  std::vector<int64_t> numel_;
+  std::vector<int64_t> index_;
+  std::vector<at::Tensor> staged_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
+  at::Device device_{at::kCPU};
+  at::ScalarType dtype_{at::kFloat};
+};
+
+// The storage dtypes the compiled kernels handle (fp64 groups stay with the
+// torch backend: see sam_fast/_compiled_ops.py).
+inline void check_storage_dtype(at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": the compiled kernels take float32, float16 and bfloat16 tensors, got ", dtype,
+              " (the Python backends hand float64 groups to the torch backend)");
+}
+
+// A 0-dim device scalar (scale, grad_scale, found_inf) as fp32 on `device`.
+// Already there in fp32 it is used as is: no copy, no host sync.
+inline at::Tensor scalar_on(const at::Tensor& s, at::Device device, const char* what) {
+  TORCH_CHECK(s.numel() == 1, what, " must hold one element, got shape ", s.sizes());
+  return s.to(device, at::kFloat).reshape({});
+}
+
+inline SgdCoeffs make_sgd_coeffs(double lr, double momentum, double dampening,
+                                 double weight_decay, bool nesterov, bool maximize,
+                                 bool init_buffers) {
+  SgdCoeffs c;
+  c.neg_lr = static_cast<float>(-lr);
+  c.momentum = static_cast<float>(momentum);
+  c.one_minus_damp = static_cast<float>(1.0 - dampening);
+  c.weight_decay = static_cast<float>(weight_decay);
+  c.has_momentum = momentum != 0.0;
+  c.has_weight_decay = weight_decay != 0.0;
+  c.nesterov = nesterov;
+  c.grad_sign = maximize ? -1.0f : 1.0f;
+  c.init_buffers = init_buffers;
+  return c;
+}
+
+inline AdamCoeffs make_adam_coeffs(double lr, double beta1, double beta2, double eps,
+                                   double weight_decay, bool amsgrad, bool maximize,
+                                   bool decoupled) {
+  AdamCoeffs c;
+  c.beta1 = static_cast<float>(beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.lerp_weight = static_cast<float>(1.0 - beta1);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.eps = static_cast<float>(eps);
+  c.weight_decay = static_cast<float>(weight_decay);
+  c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  c.neg_lr = static_cast<float>(-lr);
+  c.grad_sign = maximize ? -1.0f : 1.0f;
+  c.x_factor = (weight_decay != 0.0 && decoupled) ? c.decay_factor : 1.0f;
+  c.coupled_decay = weight_decay != 0.0 && !decoupled;
+  c.amsgrad = amsgrad;
+  return c;
+}
+
+// Host-resident step counters: bump each by one (the caller has already
+// decided the step is not skipped) and return its bias corrections, computed
+// in double from the new count as torch.optim.Adam does on the host.
+inline std::vector<AdamStepScalars> bump_host_steps(at::TensorList steps, const FlatLists& lists,
+                                                    double lr, double beta1, double beta2) {
+  std::vector<AdamStepScalars> out;
+  out.reserve(lists.size());
+  std::vector<double> counts(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.numel() == 1, "restore_adamw_: state_steps[", i, "] must hold one element");
+    double c;
+    if (s.scalar_type() == at::kFloat) {
+      float* p = s.data_ptr<float>();
+      *p = *p + 1.0f;
+      c = *p;
+    } else if (s.scalar_type() == at::kDouble) {
+      double* p = s.data_ptr<double>();
+      *p = *p + 1.0;
+      c = *p;
+    } else {
+      TORCH_CHECK(false, "restore_adamw_: state_steps[", i, "] is ", s.scalar_type(),
+                  "; Adam's step counters are float32 or float64");
+    }
+    counts[i] = c;
+  }
+  for (size_t j = 0; j < lists.size(); ++j) {
+    const double c = counts[lists.index(j)];
+    AdamStepScalars sc;
+    sc.step_size = static_cast<float>((lr / (1.0 - std::pow(beta1, c))) * -1.0);
+    sc.bc2_sqrt = static_cast<float>(std::pow(1.0 - std::pow(beta2, c), 0.5));
+    out.push_back(sc);
+  }
+  return out;
+}
+
+// Where the step counters live: all on the host, or all on `device`.
+inline bool steps_on_host(at::TensorList steps, at::Device device) {
+  TORCH_CHECK(steps.size() > 0, "restore_adamw_: state_steps is empty");
+  const bool host = steps[0].device().is_cpu();
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].device().is_cpu() == host && (host || steps[i].device() == device),
+                "restore_adamw_: state_steps must all be on the host or all on ", device,
+                "; state_steps[", i, "] is on ", steps[i].device());
+  }
+  return host;
+}
+
+}  // namespace sam_fast

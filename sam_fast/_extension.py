@@ -1,0 +1,196 @@
+"""Loading the compiled ops: ``sam_fast._C``, and the CUDA kernels just in time.
+
+``sam_fast._C`` (built by setup.py) defines the ``torch.ops.sam_fast`` schemas
+and holds the CPU kernels, plus the CUDA kernels when it was built with CUDA.
+When it has no CUDA kernels and CUDA tensors ask for them, they are compiled
+just in time from the shipped sources (``torch.utils.cpp_extension.load``,
+ninja, cached per machine) if a CUDA toolchain is here; ``SAM_FAST_JIT=0``
+turns that off. Every reason a backend cannot run is kept as a sentence, for
+``dispatch.why_unavailable``, the one warning, and ``python -m sam_fast.info``.
+
+``SAM_FAST_REQUIRE_EXT=1`` (set by CI) turns a missing or broken ``sam_fast._C``
+into an ImportError of ``sam_fast`` instead of a fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import _toolchain
+
+_OPS = ("grad_sumsq", "perturb_", "restore_", "restore_sgd_", "restore_adamw_",
+        "sampa_points_", "sampa_update_")
+
+_lock = threading.RLock()
+_C: ModuleType | None = None
+_C_reason: str | None = None
+_loaded = False
+_cuda_reason: str | None = None
+_cuda_checked = False
+_jit_info: dict[str, Any] | None = None
+_warned: set[str] = set()
+
+
+def require_ext() -> bool:
+    return os.environ.get("SAM_FAST_REQUIRE_EXT", "0") == "1"
+
+
+def load() -> ModuleType | None:
+    """Import ``sam_fast._C`` once (and its fake implementations); None when it is missing."""
+    global _C, _C_reason, _loaded
+    with _lock:
+        if _loaded:
+            return _C
+        _loaded = True
+        try:
+            _C = importlib.import_module("sam_fast._C")
+        except ImportError as exc:
+            _C_reason = _explain_import_error(exc)
+        else:
+            built = getattr(_C, "torch_version", "")
+            if built and built.split("+")[0] != torch.__version__.split("+")[0]:
+                _C_reason = (f"sam_fast._C was built for torch {built} but this is torch "
+                             f"{torch.__version__}; rebuild sam_fast")
+                _C = None
+            else:
+                from . import _fake  # noqa: F401  (registers the fake implementations)
+        if _C is None and require_ext():
+            raise ImportError(f"SAM_FAST_REQUIRE_EXT=1 but {_C_reason}")
+        return _C
+
+
+def _explain_import_error(exc: ImportError) -> str:
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "sam_fast._C":
+        return ("sam_fast._C is not built (installed without a compiler, with SAM_FAST_NO_EXT=1, "
+                "or with build isolation and no torch to build against: reinstall with "
+                "`pip install --no-build-isolation .`)")
+    return f"sam_fast._C failed to load: {exc}"
+
+
+def cpp_reason() -> str | None:
+    """Why the CPU kernels cannot run here, or None."""
+    return None if load() is not None else _C_reason
+
+
+def _has_cuda_kernels() -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"sam_fast::{op}", "CUDA")
+               for op in _OPS)
+
+
+def cuda_reason(allow_jit: bool = True) -> str | None:
+    """Why the CUDA kernels cannot run here, or None; compiles them just in time if
+    ``allow_jit``, the installed build lacks them and a toolchain is here."""
+    global _cuda_reason, _cuda_checked
+    with _lock:
+        if _cuda_checked:
+            return _cuda_reason
+        if load() is None:
+            return _C_reason
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        if _has_cuda_kernels():
+            _cuda_checked, _cuda_reason = True, None
+            return None
+        reason = _jit_obstacle()
+        if reason is None and not allow_jit:
+            return ("the installed sam_fast._C has no CUDA kernels; backend='cuda' compiles "
+                    "them just in time (SAM_FAST_JIT=0 turns that off)")
+        if reason is None:
+            reason = _jit_build()
+        _cuda_checked, _cuda_reason = True, reason
+        return reason
+
+
+def _jit_obstacle() -> str | None:
+    """What stops a just-in-time build of the CUDA kernels, or None."""
+    base = "the installed sam_fast._C has no CUDA kernels"
+    if torch.version.cuda is None:
+        return f"{base}, and this torch ({torch.__version__}) is not a CUDA build"
+    if _toolchain.jit_disabled():
+        return f"{base}, and SAM_FAST_JIT=0 turns the just-in-time build off"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return (f"{base}, and no CUDA toolchain was found to compile them just in time "
+                "(set CUDA_HOME or put nvcc on PATH)")
+    if not cpp_extension.is_ninja_available():
+        return f"{base}, and ninja is missing for the just-in-time build (pip install ninja)"
+    if csrc_dir() is None:
+        return f"{base}, and this installation does not carry the CUDA sources"
+    return None
+
+
+def csrc_dir() -> Path | None:
+    """The C++/CUDA sources: shipped as sam_fast/_csrc, or csrc/ of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_csrc", here.parent / "csrc"):
+        if (candidate / "cuda" / "ops_cuda.cu").is_file():
+            return candidate
+    return None
+
+
+def _jit_build() -> str | None:
+    global _jit_info
+    from torch.utils import cpp_extension
+
+    src = csrc_dir()
+    assert src is not None
+    extra = _toolchain.include_flags(_toolchain.nvidia_include_dirs(cpp_extension.CUDA_HOME))
+    warnings.warn(
+        "sam_fast: the installed build has no CUDA kernels; compiling them just in time "
+        "(once per machine, cached by torch.utils.cpp_extension; SAM_FAST_JIT=0 turns this off)",
+        stacklevel=4,
+    )
+    try:
+        cpp_extension.load(
+            name="sam_fast_cuda_jit",
+            sources=[str(src / "cuda" / "ops_cuda.cu")],
+            extra_cflags=["-O3"] + extra,
+            extra_cuda_cflags=["-O3", "-lineinfo"] + extra,
+            is_python_module=False,
+            verbose=os.environ.get("SAM_FAST_JIT_VERBOSE", "0") == "1",
+        )
+    except Exception as exc:  # a compiler failure: report it, fall back
+        return f"the installed sam_fast._C has no CUDA kernels and the just-in-time build failed: {exc}"
+    if not _has_cuda_kernels():
+        return "the just-in-time CUDA build finished but registered no kernels"
+    _jit_info = {
+        "source": "just-in-time build",
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPUs"),
+    }
+    return None
+
+
+def warn_once(backend: str, reason: str) -> None:
+    """The one warning per backend that it cannot serve the tensors it was meant for."""
+    if backend in _warned:
+        return
+    _warned.add(backend)
+    warnings.warn(f"sam_fast: the {backend!r} backend is unavailable: {reason}; "
+                  "sam_fast falls back to the next backend (backend='auto') or raises (when "
+                  f"{backend!r} was asked for). `python -m sam_fast.info` shows what is there.",
+                  RuntimeWarning, stacklevel=5)
+
+
+def build_info() -> dict[str, Any]:
+    """What ``sam_fast._C`` was built with (empty when it is missing)."""
+    module = load()
+    if module is None:
+        return {}
+    info = {key: getattr(module, key, None)
+            for key in ("torch_version", "cuda_version", "cuda_arch_list", "compiler")}
+    info["with_cuda"] = bool(getattr(module, "with_cuda", 0))
+    info["path"] = getattr(module, "__file__", None)
+    if _jit_info is not None:
+        info["cuda_kernels"] = _jit_info
+    return info
