@@ -35,7 +35,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent  # absolute: ninja compiles from its build dir
 CSRC = ROOT / "csrc"
 # Generated at build time, outside the source tree (build/ is ignored by git).
 GENERATED = ROOT / "build" / "generated"
