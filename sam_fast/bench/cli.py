@@ -1,0 +1,373 @@
+"""``sam-fast-bench`` / ``python -m sam_fast.bench``: is sam_fast worth it on this machine?
+
+Runs with no arguments on a CPU-only machine or a GPU and finishes in a few
+minutes; see ``--help`` for what it measures and how to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import dispatch
+from . import report, traffic
+from .contenders import (
+    PEER_NAMES,
+    Contender,
+    Hyper,
+    build_contenders,
+    interpreted_backend_note,
+    sam_fast_backends,
+)
+from .micro import TASKS, run_cell
+from .presets import DEFAULT_DTYPES, DTYPES, PRESETS, default_presets, format_count
+from .progress import Progress
+from .timing import Budget, copy_bandwidth, make_timer
+
+CONTENDER_NAMES = (*PEER_NAMES, "sam_fast")
+# torch.compile of a parameter set with more tensors than this takes minutes to build.
+COMPILE_MAX_TENSORS = 1000
+# Seconds of compiling after which --compile auto starts no new compile cell: compile time
+# grows with the tensor count and dominates the run otherwise (the inductor cache makes
+# a second run cheaper, so it may cover more cells).
+COMPILE_BUDGET_S = 120.0
+
+# Per device type: (warmup, min repeats, max repeats, seconds per measured task).
+# The GPU takes many cheap repeats; the 2-core CPU default stays within a few minutes.
+# On the CPU the two checked steps of every contender are its warm-up (one more round
+# is added where the workspace has several copies).
+DEFAULT_BUDGET = {"cuda": (3, 20, 200, 3.0), "cpu": (0, 5, 30, 2.0)}
+QUICK_BUDGET = (1, 3, 3, 0.0)
+
+EPILOG = f"""
+what is timed: the optimizer's share of a SAM step (norm, perturbation, restore, base
+step: everything but forward/backward) per phase and in total, and SAMPa's two fused
+updates, for each contender on the same tensors in one process, interleaved round by
+round. GPU: CUDA events after warm-up; CPU: a monotonic clock; medians.
+
+contenders: reference (per-parameter loop, davda54/sam), pytorch_optimizer (its SAM;
+skipped if not installed), foreach (torch._foreach_*), compile (torch.compile of the
+foreach step), sam_fast (one column per registered backend that can run here).
+
+presets: {', '.join(f'{p.name} ({p.num_tensors} tensors, {format_count(p.num_elements)})'
+                    for p in PRESETS.values())}.
+defaults: on a GPU {', '.join(default_presets('cuda'))}; on the CPU
+{', '.join(default_presets('cpu'))} (the larger presets take minutes per contender on a
+few cores); dtypes {', '.join(DEFAULT_DTYPES)}.
+
+--compile auto compiles fp32 cells of at most {COMPILE_MAX_TENSORS} tensors until
+--compile-budget seconds went to compiling, and the end-to-end models on a GPU only:
+each graph costs 5-30 s to build on a CPU. --compile all compiles every cell.
+"""
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    presets: list[str]
+    dtypes: list[str]
+    contenders: list[str]
+    backends: list[str]
+    compile: str
+    compile_budget: float
+    tasks: list[str]
+    micro: bool
+    e2e: bool
+    budget: Budget
+    out: Path | None
+    progress: bool
+    seed: int
+
+
+def _split(values: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return list(dict.fromkeys(out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sam-fast-bench",
+        description="Measure what sam_fast buys on this machine: SAM/SAMPa optimizer steps "
+                    "against the reference loop, pytorch-optimizer, torch._foreach_* and "
+                    "torch.compile, plus end-to-end training steps.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", action="append", metavar="NAME[,NAME]",
+                   help=f"parameter sets to time: {', '.join(PRESETS)} or 'all' "
+                        "(default: depends on the device)")
+    p.add_argument("--dtype", action="append", metavar="NAME[,NAME]",
+                   help=f"storage dtypes: {', '.join(DTYPES)} "
+                        f"(default: {','.join(DEFAULT_DTYPES)})")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--backend", action="append", metavar="NAME[,NAME]",
+                   help="sam_fast backends to time (default: every registered backend that "
+                        "can run on the device)")
+    p.add_argument("--contenders", action="append", metavar="NAME[,NAME]",
+                   help=f"subset of {', '.join(CONTENDER_NAMES)} (default: all)")
+    p.add_argument("--compile", choices=("auto", "all", "off"), default="auto",
+                   help="which cells run the torch.compile contender (default: auto, see below)")
+    p.add_argument("--compile-budget", type=float, default=COMPILE_BUDGET_S, metavar="S",
+                   help="with --compile auto, no new compile cell starts once S seconds went "
+                        f"to compiling (default {COMPILE_BUDGET_S:.0f})")
+    p.add_argument("--tasks", action="append", metavar="NAME[,NAME]",
+                   help=f"microbenchmark tasks: {', '.join(TASKS)} (default: all)")
+    e2e = p.add_mutually_exclusive_group()
+    e2e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training steps")
+    e2e.add_argument("--e2e-only", action="store_true", help="only the end-to-end training steps")
+    p.add_argument("--warmup", type=int, metavar="N", help="untimed rounds per task")
+    p.add_argument("--repeats", type=int, metavar="N", help="least timed rounds per task")
+    p.add_argument("--max-repeats", type=int, metavar="N", help="most timed rounds per task")
+    p.add_argument("--max-time", type=float, metavar="S",
+                   help="seconds per task after which no more rounds start "
+                        "(once --repeats are done)")
+    p.add_argument("--quick", action="store_true",
+                   help="1 warm-up and 3 timed rounds per task: a smoke run, not a measurement")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write results.json, results.md and PNG plots there")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads of PyTorch (default: PyTorch's choice; on a machine "
+                        "shared with other jobs, fewer threads than cores are steadier)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tensors")
+    p.add_argument("--list", action="store_true",
+                   help="list presets, contenders and backends (with why any cannot run) and exit")
+    return p
+
+
+def _device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device {text!r} is not a device (use auto, cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {text!r}: only cpu and cuda devices are benchmarked")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {text}: CUDA is not available (torch {torch.__version__}, "
+                         f"built with CUDA {torch.version.cuda or 'none'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _choose(parser: argparse.ArgumentParser, flag: str, given: list[str], known: Sequence[str],
+            all_means: Sequence[str] | None = None) -> list[str]:
+    if all_means is not None and "all" in given:
+        return list(all_means)
+    unknown = [g for g in given if g not in known]
+    if unknown:
+        parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from "
+                     f"{', '.join(known)}")
+    return given
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, list[str]]:
+    """The run's settings and the notes about what the defaults left out."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    notes: list[str] = []
+    device = _device(parser, args.device)
+
+    presets = _split(args.preset) or list(default_presets(device.type))
+    presets = _choose(parser, "--preset", presets, list(PRESETS), all_means=list(PRESETS))
+    dtypes = _choose(parser, "--dtype", _split(args.dtype) or list(DEFAULT_DTYPES), list(DTYPES))
+    contenders = _choose(parser, "--contenders", _split(args.contenders) or list(CONTENDER_NAMES),
+                         CONTENDER_NAMES)
+    tasks = _choose(parser, "--tasks", _split(args.tasks) or list(TASKS), TASKS)
+
+    registered = sam_fast_backends()
+    asked = _split(args.backend)
+    if asked:
+        _choose(parser, "--backend", asked, registered)
+        for b in asked:
+            why = dispatch.why_unavailable(b, device.type)
+            if why is not None:
+                parser.error(f"--backend {b}: cannot run on {device.type}: {why}")
+        backends = asked
+    else:
+        backends = []
+        for b in registered:
+            # not asked for by name: no just-in-time build on the benchmark's behalf
+            why = (dispatch.why_unavailable(b, device.type, explicit=False)
+                   or interpreted_backend_note(b, device))
+            if why is None:
+                backends.append(b)
+            else:
+                notes.append(f"sam_fast[{b}] not measured: {why}")
+
+    warmup, min_rep, max_rep, max_time = QUICK_BUDGET if args.quick else DEFAULT_BUDGET[device.type]
+    for name, least in (("warmup", 0), ("repeats", 1), ("max_repeats", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    if args.max_time is not None and args.max_time < 0:
+        parser.error("--max-time must not be negative")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    if args.compile_budget < 0:
+        parser.error("--compile-budget must not be negative")
+    warmup = args.warmup if args.warmup is not None else warmup
+    min_rep = args.repeats if args.repeats is not None else min_rep
+    max_rep = max(args.max_repeats if args.max_repeats is not None else max_rep, min_rep)
+    max_time = args.max_time if args.max_time is not None else max_time
+    budget = Budget(warmup=warmup, min_repeats=min_rep, max_repeats=max_rep, max_seconds=max_time)
+
+    settings = Settings(device=device, presets=presets, dtypes=dtypes, contenders=contenders,
+                        backends=backends, compile=args.compile,
+                        compile_budget=args.compile_budget, tasks=tasks,
+                        micro=not args.e2e_only, e2e=not args.no_e2e, budget=budget, out=args.out,
+                        progress=not args.no_progress, seed=args.seed)
+    if args.list:
+        print(list_everything(device))
+        raise SystemExit(0)
+    return settings, notes
+
+
+def list_everything(device: torch.device) -> str:
+    lines = [f"presets (defaults on {device.type}: {', '.join(default_presets(device.type))}):"]
+    for p in PRESETS.values():
+        count = format_count(p.num_elements)
+        lines.append(f"  {p.name:14s} {p.num_tensors:6d} tensors {count:>7s} elements  "
+                     f"{p.description}")
+    lines.append(f"contenders on {device}:")
+    for c in build_contenders(CONTENDER_NAMES, sam_fast_backends()):
+        why = c.unavailable(device, torch.float32)
+        lines.append(f"  {c.name:20s} {c.description}" + (f"  [unavailable: {why}]" if why else ""))
+    lines.append("byte model (passes over the parameters): "
+                 + ", ".join(f"{k} {v}" for k, v in traffic.PASSES.items()))
+    return "\n".join(lines)
+
+
+def _compile_allowed(settings: Settings, dtype: str, num_tensors: int, spent: float,
+                     e2e: bool = False) -> str | None:
+    """None when the compile contender runs in this cell, else why not."""
+    if settings.compile == "all":
+        return None
+    if settings.compile == "off":
+        return "torch.compile contender off (--compile off)"
+    if e2e and settings.device.type != "cuda":
+        return "torch.compile not run end to end on the CPU by default (--compile all)"
+    if dtype != "fp32":
+        return f"torch.compile runs on fp32 cells by default (--compile all for {dtype})"
+    if num_tensors > COMPILE_MAX_TENSORS:
+        return (f"torch.compile skipped: {num_tensors} tensors take minutes to compile "
+                "(--compile all)")
+    if spent >= settings.compile_budget:
+        return (f"torch.compile skipped: {spent:.0f} s of the {settings.compile_budget:.0f} s "
+                "compile budget spent (--compile-budget, --compile all)")
+    return None
+
+
+def run(settings: Settings, notes: list[str]) -> dict:
+    started = time.perf_counter()
+    device = settings.device
+    timer = make_timer(device)
+    hp = Hyper()
+    contenders = build_contenders(settings.contenders, settings.backends)
+    usable: list[Contender] = []
+    for c in contenders:
+        why = c.unavailable(device, torch.float32)
+        if why is None:
+            usable.append(c)
+        else:
+            notes.append(f"{c.name} not measured: {why}")
+    if "reference" not in settings.contenders:
+        notes.append("the reference loop was not selected: no 'vs reference' column")
+
+    def spent() -> float:
+        return sum(getattr(c, "compile_seconds", 0.0) for c in usable)
+
+    cells = [(p, d) for p in settings.presets for d in settings.dtypes] if settings.micro else []
+    progress = Progress(len(cells) + 2 * settings.e2e + 1, enabled=settings.progress)
+    payload: dict = {
+        "schema": 1,
+        "environment": report.environment(device),
+        "settings": {**{k: v for k, v in asdict(settings).items() if k not in ("device", "out",
+                                                                                 "budget")},
+                     "device": str(device), "budget": asdict(settings.budget),
+                     "hyper": asdict(hp)},
+        "contenders": {c.name: c.description for c in contenders},
+        "byte_model_passes": dict(traffic.PASSES),
+        "cells": [],
+        "e2e": None,
+        "notes": notes,
+    }
+    try:
+        progress.label("copy bandwidth")
+        payload["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device, timer)
+        progress.advance()
+        for preset_name, dtype_name in cells:
+            preset, dtype = PRESETS[preset_name], DTYPES[dtype_name]
+            progress.label(f"{preset_name} {dtype_name}")
+            chosen, cell_notes = [], []
+            for c in usable:
+                why = c.unavailable(device, dtype)
+                if why is None and c.compiles:
+                    why = _compile_allowed(settings, dtype_name, preset.num_tensors, spent())
+                if why is None:
+                    chosen.append(c)
+                else:
+                    cell_notes.append(why if c.compiles else f"{c.name} not measured: {why}")
+            # Measured again next to every cell: on a shared machine it drifts with the load.
+            progress.status("copy bandwidth")
+            bandwidth = copy_bandwidth(device, timer, repeats=5)
+            cell = run_cell(preset, dtype, device, chosen, hp, settings.budget, timer,
+                            bandwidth, tasks=settings.tasks, status=progress.status,
+                            seed=settings.seed)
+            cell.notes[:0] = cell_notes
+            payload["cells"].append(cell.to_json())
+            progress.advance()
+        if settings.e2e:
+            from .e2e import run_e2e
+
+            progress.label("end to end")
+            chosen = []
+            for c in usable:
+                why = _compile_allowed(settings, "fp32", 0, spent(), e2e=True) \
+                    if c.compiles else None
+                if why is None:
+                    chosen.append(c)
+                else:
+                    notes.append(why)
+            result = run_e2e(device, chosen, hp, settings.budget, timer,
+                             status=progress.status)
+            payload["e2e"] = result.to_json()
+            progress.advance(2)
+    except KeyboardInterrupt:
+        notes.append("interrupted: partial results")
+    finally:
+        progress.close()
+    payload["wall_seconds"] = time.perf_counter() - started
+    payload["environment"]["load_average_after"] = report.load_average()
+    notes.extend(report.noise_notes(payload))
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, notes = parse_settings(argv)
+    payload = run(settings, notes)
+    if settings.out is not None:
+        payload["notes"].extend(report.write_outputs(payload, settings.out))
+    print(report.render_console(payload))
+    if settings.out is not None:
+        print(f"\nwrote {settings.out / 'results.json'}, {settings.out / 'results.md'}"
+              + (" and plots" if not any("matplotlib" in n for n in payload["notes"]) else ""))
+    return 130 if "interrupted: partial results" in payload["notes"] else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
