@@ -24,6 +24,12 @@ from sam_fast.distributed import local_ascent  # noqa: E402
 
 STEPS = 4
 F64 = torch.float64
+# name -> (base optimizer, its options, SAM options), for the FSDP2 runs
+FSDP_CASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4), {}),
+    "adamw-asam": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2),
+                   dict(adaptive=True, eta=0.01, rho=0.5)),
+}
 
 
 def _shard(batch, rank, world):
@@ -64,12 +70,7 @@ def fsdp2(rank, world):
 
     out = {}
     data = batches(STEPS, batch_size=8, dtype=F64)
-    cases = {
-        "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4), {}),
-        "adamw-asam": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2),
-                       dict(adaptive=True, eta=0.01, rho=0.5)),
-    }
-    for name, (base, kw, sam_kw) in cases.items():
+    for name, (base, kw, sam_kw) in FSDP_CASES.items():
         model = small_convnet(0, F64)
         for layer in model:
             if any(True for _ in layer.parameters()):

@@ -20,7 +20,7 @@ import torch
 
 import oracle
 from conftest import params_of, run_sam
-from dist_workers import STEPS, _shard
+from dist_workers import FSDP_CASES, STEPS, _shard
 from models import batches, loss_of, small_convnet
 from sam_fast import SAM
 
@@ -117,12 +117,7 @@ def test_fsdp2_equals_unsharded(tmp_path, single_thread):
     results = launch("fsdp2", tmp_path)
     _assert_ok(results)
     data = batches(STEPS, batch_size=8, dtype=F64)
-    cases = {
-        "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4), {}),
-        "adamw-asam": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2),
-                       dict(adaptive=True, eta=0.01, rho=0.5)),
-    }
-    for name, (base, kw, sam_kw) in cases.items():
+    for name, (base, kw, sam_kw) in FSDP_CASES.items():
         model = small_convnet(0, F64)
         run_sam(model, SAM(model.parameters(), base, **sam_kw, **kw), data)
         for r in results:
