@@ -74,12 +74,22 @@ def sgd_options(group: dict) -> dict[str, Any]:
     )
 
 
-def split_by_buffer(opt: Optimizer, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Params whose SGD momentum buffer exists, and those that get one at this step."""
-    have, fresh = [], []
-    for p in params:
-        (have if opt.state[p].get("momentum_buffer") is not None else fresh).append(p)
-    return have, fresh
+def momentum_parts(
+    opt: Optimizer, params: Sequence[Tensor], momentum: float
+) -> list[tuple[list[int], list[Tensor] | None, bool]]:
+    """``params`` split for the fused SGD ops: positions whose momentum buffer exists (with
+    those buffers), and positions that get one at this step (``init_buffers=True``, no
+    buffers yet). Without momentum, one part holding every position."""
+    if momentum == 0:
+        return [(list(range(len(params))), None, False)] if params else []
+    have = [i for i, p in enumerate(params) if opt.state[p].get("momentum_buffer") is not None]
+    fresh = [i for i, p in enumerate(params) if opt.state[p].get("momentum_buffer") is None]
+    parts: list[tuple[list[int], list[Tensor] | None, bool]] = []
+    if have:
+        parts.append((have, [opt.state[params[i]]["momentum_buffer"] for i in have], False))
+    if fresh:
+        parts.append((fresh, None, True))
+    return parts
 
 
 def new_momentum_buffers(opt: Optimizer, params: Sequence[Tensor]) -> list[Tensor]:
@@ -107,22 +117,13 @@ def restore_sgd_step(
 ) -> None:
     """``w <- backup`` and ``torch.optim.SGD``'s step on ``group`` for ``params``."""
     options = sgd_options(group)
-    backup_of = dict(zip(map(id, params), backups))
-    if options["momentum"] == 0:
-        parts = [(list(params), None, False)]
-    else:
-        have, fresh = split_by_buffer(opt, params)
-        parts = [(have, [opt.state[p]["momentum_buffer"] for p in have], False)]
-        if fresh:
-            parts.append((fresh, None, True))
-    for part, bufs, init in parts:
-        if not part:
-            continue
+    for idx, bufs, init in momentum_parts(opt, params, options["momentum"]):
+        part = [params[i] for i in idx]
         if init:
             bufs = new_momentum_buffers(opt, part)
         ops.restore_sgd_(
             part,
-            [backup_of[id(p)] for p in part],
+            [backups[i] for i in idx],
             [p.grad for p in part],
             bufs,
             init_buffers=init,

@@ -209,21 +209,7 @@ class SAM(SharpnessOptimizer):
             grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, torch.reciprocal(grad_scale.to(grads[0])))
-        if len(groups) == len(self.param_groups):
-            self.base_optimizer.step()
-            return
-        # Hide the fused groups' gradients from the base step: they have stepped.
-        hidden = {}
-        for g in self.param_groups:
-            if g not in groups:
-                for p in g["params"]:
-                    hidden[p] = p.grad
-                    p.grad = None
-        try:
-            self.base_optimizer.step()
-        finally:
-            for p, grad in hidden.items():
-                p.grad = grad
+        self._base_step_on(groups)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

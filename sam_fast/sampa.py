@@ -232,21 +232,13 @@ class SAMPa(SharpnessOptimizer):
     def _sgd_points(self, group: dict, params: list[Tensor], grads_y: list[Tensor],
                     backups: list[Tensor], ys: list[Tensor], scale: Tensor) -> None:
         options = base_step.sgd_options(group)
-        if options["momentum"] == 0:
-            parts = [(list(range(len(params))), None, False)]
-        else:
-            state = self.base_optimizer.state
-            have = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is not None]
-            fresh = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is None]
-            parts = [(have, [state[params[i]]["momentum_buffer"] for i in have], False),
-                     (fresh, None, True)]
-        for idx, bufs, init in parts:
-            if idx:
-                ops.sampa_points_(
-                    [params[i] for i in idx], [grads_y[i] for i in idx], bufs,
-                    [backups[i] for i in idx], [ys[i] for i in idx], scale,
-                    init_buffers=init, backend=self.backend, **options,
-                )
+        for idx, bufs, init in base_step.momentum_parts(self.base_optimizer, params,
+                                                        options["momentum"]):
+            ops.sampa_points_(
+                [params[i] for i in idx], [grads_y[i] for i in idx], bufs,
+                [backups[i] for i in idx], [ys[i] for i in idx], scale,
+                init_buffers=init, backend=self.backend, **options,
+            )
 
     def _simulated_y(self, params: list[Tensor], grads_y: list[Tensor], ys: list[Tensor]) -> None:
         """y = where ``base_optimizer.step()`` would move x with gradient g_y, found by taking
@@ -328,23 +320,10 @@ class SAMPa(SharpnessOptimizer):
     def _sgd_update(self, group: dict, params: list[Tensor], backups: list[Tensor],
                     g_tilde: list[Tensor], g_y: list[Tensor]) -> None:
         options = base_step.sgd_options(group)
-        if options["momentum"] == 0:
-            parts = [(list(range(len(params))), None, False)]
-        else:
-            have, fresh = base_step.split_by_buffer(self.base_optimizer, params)
-            have_ids = set(map(id, have))
-            idx_have = [i for i, p in enumerate(params) if id(p) in have_ids]
-            idx_fresh = [i for i, p in enumerate(params) if id(p) not in have_ids]
-            parts = [
-                (idx_have, [self.base_optimizer.state[params[i]]["momentum_buffer"]
-                            for i in idx_have], False),
-                (idx_fresh, None, True),
-            ]
-        for idx, bufs, init in parts:
-            if not idx:
-                continue
+        for idx, bufs, init in base_step.momentum_parts(self.base_optimizer, params,
+                                                        options["momentum"]):
             part = [params[i] for i in idx]
-            if init and options["momentum"] != 0:
+            if init:
                 bufs = base_step.new_momentum_buffers(self.base_optimizer, part)
             ops.sampa_update_(
                 part, [backups[i] for i in idx], [g_tilde[i] for i in idx],
@@ -353,20 +332,14 @@ class SAMPa(SharpnessOptimizer):
             )
 
     def _fallback_base_step(self, groups: list[dict]) -> None:
-        hidden = {}
-        for g in self.param_groups:
-            if not any(g is f for f in groups):
-                for p in g["params"]:
-                    hidden[p] = p.grad
-                    p.grad = None
+        """The base optimizer's own step on the mixed gradients of ``groups``; those
+        gradients were made for this step only, so they are dropped after it."""
         try:
-            self.base_optimizer.step()
+            self._base_step_on(groups)
         finally:
             for g in groups:
                 for p in g["params"]:
                     p.grad = None
-            for p, grad in hidden.items():
-                p.grad = grad
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -187,6 +187,22 @@ class SharpnessOptimizer(Optimizer):
         self._opt_called = True
         self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
 
+    def _base_step_on(self, groups: list[dict]) -> None:
+        """``base_optimizer.step()`` for ``groups`` only: the other groups' gradients are
+        hidden from it for the call (their step was a fused op, or is not due)."""
+        chosen = {id(g) for g in groups}
+        hidden = {}
+        for g in self.param_groups:
+            if id(g) not in chosen:
+                for p in g["params"]:
+                    hidden[p] = p.grad
+                    p.grad = None
+        try:
+            self.base_optimizer.step()
+        finally:
+            for p, grad in hidden.items():
+                p.grad = grad
+
     @staticmethod
     def _evaluate(closure: Callable[[], Any]) -> Any:
         with torch.enable_grad():

@@ -317,3 +317,25 @@ def test_first_step_reports_the_norm_and_a_skipped_perturbation():
     opt.first_step()
     assert opt.perturbation_skipped.item()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_fused_and_fallback_groups_in_one_optimizer():
+    """A group no fused op covers (a tensor learning rate) beside a fused one: each
+    group steps once, by its own path."""
+    data = batches(4, dtype=torch.float64)
+
+    def groups(model):
+        params = list(model.parameters())
+        return [{"params": params[:3]},
+                {"params": params[3:], "lr": torch.tensor(0.05, dtype=torch.float64)}]
+
+    ours_model, ref_model = small_cnn(0, torch.float64), small_cnn(0, torch.float64)
+    ours = SAM(groups(ours_model), torch.optim.SGD, lr=0.1, momentum=0.9, backend="torch")
+    ref = ReferenceSAM(groups(ref_model), torch.optim.SGD, lr=0.1, momentum=0.9)
+    run_sam(ours_model, ours, data)
+    for batch in data:
+        loss_of(ref_model, batch).backward()
+        ref.first_step()
+        loss_of(ref_model, batch).backward()
+        ref.second_step()
+    assert oracle.max_rel_diff(params_of(ours_model), params_of(ref_model)) < 1e-12
