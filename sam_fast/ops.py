@@ -20,6 +20,7 @@ from .distributed import all_reduce_sumsq, local
 TensorList = Sequence[Tensor]
 
 __all__ = [
+    "grad_sumsq",
     "grad_norm",
     "perturb_",
     "restore_",
@@ -141,20 +142,21 @@ def _scalar_on(value: Tensor, device: torch.device) -> Tensor:
     return value.to(device=device, non_blocking=True)
 
 
-def grad_norm(
+def grad_sumsq(
     grads: TensorList,
     params: TensorList | None = None,
     eta: float = 0.0,
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """``||g||`` over all tensors, or ``||(|w| + eta) * g||`` when ``params`` are given (ASAM).
+    """``||g||^2`` over all tensors (of every rank, for FSDP2 shards), or
+    ``||(|w| + eta) * g||^2`` when ``params`` are given (ASAM).
 
     Returns a 0-dim fp32 tensor (fp64 when every tensor is fp64) on the device
     of the first gradient. Accumulation is in fp32 whatever the storage dtype.
     """
     if len(grads) == 0:
-        raise ValueError("grad_norm needs at least one gradient")
+        raise ValueError("grad_sumsq needs at least one gradient")
     names = ("grads", "params")
     groups = group_by_device_and_dtype(names, (grads, params))
     home = local(grads[0]).device
@@ -169,23 +171,46 @@ def grad_norm(
         acc = torch.float64 if any(p.dtype == torch.float64 for p in partials) else torch.float32
         total = torch.stack([p.to(acc) for p in partials]).sum()
     # FSDP2 shards: add up the other ranks' local sums (one small all-reduce).
-    return all_reduce_sumsq(total, grads).sqrt()
+    return all_reduce_sumsq(total, grads)
+
+
+def grad_norm(
+    grads: TensorList,
+    params: TensorList | None = None,
+    eta: float = 0.0,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``||g||`` over all tensors, or ``||(|w| + eta) * g||`` when ``params`` are given (ASAM):
+    the square root of :func:`grad_sumsq`."""
+    return grad_sumsq(grads, params, eta, backend=backend).sqrt()
 
 
 def perturb_(
     params: TensorList,
     grads: TensorList,
     backups: TensorList,
-    scale: Tensor,
-    eta: float | None = None,
+    sumsq: Tensor,
     *,
+    rho: float,
+    eps: float = 1e-12,
+    normalize: bool = True,
+    eta: float | None = None,
+    grad_scale: Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """``backups <- w``; ``w <- w + e`` with ``e = scale * g`` (or ``scale * (|w|+eta)^2 * g``
-    when ``eta`` is not None). ``e`` is exactly zero where ``scale == 0`` (a skipped step)."""
+    when ``eta`` is not None), where the kernels derive ``scale = rho / (sqrt(sumsq) + eps)``
+    (``rho`` when not ``normalize``) from ``sumsq``, the global sum of squares from
+    :func:`grad_sumsq`. With ``grad_scale`` (the gradients carry GradScaler's scale) the
+    scale is that of the unscaled gradients. ``e`` is exactly zero where ``sumsq`` is not
+    finite (a skipped perturbation)."""
     groups = group_by_device_and_dtype(("params", "grads", "backups"), (params, grads, backups))
     for (device, _), (p, g, b) in groups.items():
-        dispatch.lookup("perturb_", backend, device)(p, g, b, _scalar_on(scale, device), eta)
+        dispatch.lookup("perturb_", backend, device)(
+            p, g, b, _scalar_on(sumsq, device), rho=float(rho), eps=float(eps),
+            normalize=bool(normalize), eta=None if eta is None else float(eta),
+            grad_scale=None if grad_scale is None else _scalar_on(grad_scale, device))
 
 
 def restore_(params: TensorList, backups: TensorList, *, backend: str = "auto") -> None:
@@ -303,8 +328,10 @@ def sampa_points_(
     momentum_buffers: TensorList | None,
     backups: TensorList,
     ys: TensorList,
-    scale: Tensor,
+    sumsq: Tensor,
     *,
+    rho: float,
+    eps: float = 1e-12,
     lr: float,
     momentum: float = 0.0,
     dampening: float = 0.0,
@@ -315,7 +342,8 @@ def sampa_points_(
     backend: str = "auto",
 ) -> None:
     """SAMPa's two points: ``backups <- x``, ``ys <- SGD lookahead of x with g_y``
-    (buffers read only; not at all with ``init_buffers``), ``params <- x + scale * g_y``."""
+    (buffers read only; not at all with ``init_buffers``), ``params <- x + scale * g_y``
+    with ``scale = rho / (sqrt(sumsq) + eps)`` (``sumsq`` = :func:`grad_sumsq` of ``g_y``)."""
     reads_buffers = momentum != 0 and not init_buffers
     if reads_buffers and momentum_buffers is None:
         raise ValueError("momentum != 0 needs momentum_buffers")
@@ -328,7 +356,9 @@ def sampa_points_(
             bufs,
             b,
             y,
-            _scalar_on(scale, device),
+            _scalar_on(sumsq, device),
+            rho=float(rho),
+            eps=float(eps),
             lr=lr,
             momentum=momentum,
             dampening=dampening,

@@ -87,13 +87,13 @@ class SAM(SharpnessOptimizer):
             gs.extend(p.grad for p in params)
         home = params_by_group[next(i for i, ps in enumerate(params_by_group) if ps)][0].device
         norms = [
-            ops.grad_norm(gs, ws if eta is not None else None, eta or 0.0, backend=self.backend)
+            ops.grad_sumsq(gs, ws if eta is not None else None, eta or 0.0, backend=self.backend)
             for eta, (ws, gs) in parts.items()
         ]
         if len(norms) == 1:
             return norms[0]
         acc = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-        return torch.linalg.vector_norm(torch.stack([n.to(home, acc) for n in norms]))
+        return torch.stack([n.to(home, acc) for n in norms]).sum()
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
@@ -118,22 +118,20 @@ class SAM(SharpnessOptimizer):
                 "first_step(): no parameter has a gradient; run backward() before first_step()"
             )
         grad_scale = _scale_of(grad_scaler)
-        norm = self._grad_norm(params_by_group)
-        self.last_grad_norm = norm
-        self.perturbation_skipped = ~torch.isfinite(norm)
+        sumsq = self._grad_norm(params_by_group)
+        self.last_grad_norm = sumsq.sqrt()
+        self.perturbation_skipped = ~torch.isfinite(sumsq)
         for group, params in zip(self.param_groups, params_by_group):
             if not params:
                 continue
-            scale = self.perturbation_scale(
-                norm, group["rho"], group["perturb_eps"], group["normalize"],
-                None if grad_scale is None else grad_scale.to(norm.device),
-            )
             ops.perturb_(
                 params,
                 [p.grad for p in params],
                 [self._buffer(p, "backup") for p in params],
-                scale,
-                float(group["eta"]) if group["adaptive"] else None,
+                sumsq,
+                rho=group["rho"], eps=group["perturb_eps"], normalize=group["normalize"],
+                eta=float(group["eta"]) if group["adaptive"] else None,
+                grad_scale=grad_scale,
                 backend=self.backend,
             )
         self._perturbed = params_by_group

@@ -206,38 +206,38 @@ class SAMPa(SharpnessOptimizer):
 
     def _norm_of_grad_y(self, active: list[list[Tensor]]) -> Tensor:
         grads = [self.state[p]["grad_y"] for ps in active for p in ps]
-        return ops.grad_norm(grads, backend=self.backend)
+        return ops.grad_sumsq(grads, backend=self.backend)
 
     def _points(self, active: list[list[Tensor]], fused: list[bool]) -> list[list[Tensor]]:
         """backup <- x, params <- x~, and the y points (returned, per group)."""
-        norm = self._norm_of_grad_y(active)
+        sumsq = self._norm_of_grad_y(active)
         ys_by_group = []
         for group, params, is_fused in zip(self.param_groups, active, fused):
             if not params:
                 ys_by_group.append([])
                 continue
-            scale = self.perturbation_scale(norm, group["rho"], group["perturb_eps"], True, None)
             grads_y = [self.state[p]["grad_y"] for p in params]
             backups = [self._buffer(p, "backup") for p in params]
             ys = [self._buffer(p, "y") for p in params]
             if is_fused:
-                self._sgd_points(group, params, grads_y, backups, ys, scale)
+                self._sgd_points(group, params, grads_y, backups, ys, sumsq)
             else:
                 self._simulated_y(params, grads_y, ys)
-                ops.perturb_(params, grads_y, backups, scale, backend=self.backend)
+                ops.perturb_(params, grads_y, backups, sumsq, rho=group["rho"],
+                             eps=group["perturb_eps"], backend=self.backend)
             self._moved.append(params)
             ys_by_group.append(ys)
         return ys_by_group
 
     def _sgd_points(self, group: dict, params: list[Tensor], grads_y: list[Tensor],
-                    backups: list[Tensor], ys: list[Tensor], scale: Tensor) -> None:
+                    backups: list[Tensor], ys: list[Tensor], sumsq: Tensor) -> None:
         options = base_step.sgd_options(group)
         for idx, bufs, init in base_step.momentum_parts(self.base_optimizer, params,
                                                         options["momentum"]):
             ops.sampa_points_(
                 [params[i] for i in idx], [grads_y[i] for i in idx], bufs,
-                [backups[i] for i in idx], [ys[i] for i in idx], scale,
-                init_buffers=init, backend=self.backend, **options,
+                [backups[i] for i in idx], [ys[i] for i in idx], sumsq, rho=group["rho"],
+                eps=group["perturb_eps"], init_buffers=init, backend=self.backend, **options,
             )
 
     def _simulated_y(self, params: list[Tensor], grads_y: list[Tensor], ys: list[Tensor]) -> None:

@@ -117,28 +117,6 @@ class SharpnessOptimizer(Optimizer):
                 f"{len(ours & theirs)} in common); pass params=None to use the base optimizer's"
             )
 
-    # -- the perturbation scale --------------------------------------------------------------
-
-    @staticmethod
-    def perturbation_scale(
-        norm: Tensor, rho: float, eps: float, normalize: bool, grad_scale: Tensor | None
-    ) -> Tensor:
-        """``rho / (||g|| + eps)`` (``rho`` for USAM) as a device scalar; 0 when the norm is
-        not finite, which the perturbation ops read as "skip".
-
-        With gradients scaled by ``S`` (GradScaler), ``norm`` is ``S * ||g||`` and the scale
-        is that of the unscaled gradients: ``rho / (norm + S * eps)``, or ``rho / S``.
-        """
-        finite = torch.isfinite(norm)
-        if normalize:
-            denom = norm + (eps if grad_scale is None else grad_scale * eps)
-            scale = rho / denom
-        elif grad_scale is None:
-            scale = torch.full_like(norm, rho)
-        else:
-            scale = rho / grad_scale.to(norm)
-        return torch.where(finite, scale, torch.zeros_like(scale))
-
     # -- buffers ----------------------------------------------------------------------------
 
     def _buffer(self, p: Tensor, name: str) -> Tensor:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sam_fast import ops
+from sam_fast.backends import torch_ops
 
 SHAPES_AWKWARD = [(1,), (2,), (7,), (13, 17), (1023,), (1025,), (4097,), (3, 5, 7)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -98,8 +99,10 @@ def test_perturb_and_restore(dtype, eta, gen):
     grads = _rand(SHAPES_AWKWARD, dtype, gen)
     originals = [p.clone() for p in params]
     backups = [torch.empty_like(p) for p in params]
-    scale = torch.tensor(0.037)  # an fp32 device scalar, as the optimizer makes it
-    ops.perturb_(params, grads, backups, scale, eta, backend="torch")
+    scale = torch.tensor(0.037)
+    # USAM's form takes the scale as it is: e = rho * g
+    ops.perturb_(params, grads, backups, torch.tensor(1.0), rho=0.037, normalize=False, eta=eta,
+                 backend="torch")
     for p, w, g, b in zip(params, originals, grads, backups):
         assert torch.equal(b, w), "backup must be the exact weights"
         t = (w.double().abs() + eta) ** 2 if eta is not None else 1.0
@@ -109,14 +112,39 @@ def test_perturb_and_restore(dtype, eta, gen):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_perturb_with_zero_scale_is_exactly_identity(bad, gen):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_perturb_with_a_non_finite_sum_of_squares_is_exactly_identity(bad, normalize, gen):
     params = _rand([(9,), (4, 4)], torch.float32, gen)
     grads = _rand([(9,), (4, 4)], torch.float32, gen)
     grads[0][3] = bad
     originals = [p.clone() for p in params]
     backups = [torch.empty_like(p) for p in params]
-    ops.perturb_(params, grads, backups, torch.tensor(0.0), backend="torch")
+    sumsq = ops.grad_sumsq(grads, backend="torch")
+    assert not torch.isfinite(sumsq)
+    ops.perturb_(params, grads, backups, sumsq, rho=0.05, normalize=normalize, backend="torch")
     assert all(torch.equal(p, w) for p, w in zip(params, originals))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("grad_scale", [None, 1024.0, 3.0])
+def test_perturbation_scale_follows_the_formula(normalize, grad_scale, gen):
+    """rho / (||g|| + eps) (rho for USAM), of the unscaled gradients under a grad scale."""
+    grads = _rand([(5,), (3, 7)], torch.float32, gen)
+    s = 1.0 if grad_scale is None else grad_scale
+    scaled = [g * s for g in grads]
+    sumsq = ops.grad_sumsq(scaled, backend="torch")
+    gs = None if grad_scale is None else torch.tensor(grad_scale)
+    scale = torch_ops.perturbation_scale(sumsq, 0.05, 1e-3, normalize, gs)
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in scaled))
+    want = 0.05 / (norm + s * 1e-3) if normalize else 0.05 / s
+    assert abs(scale.item() - want) <= 4 * 2.0**-24 * want
+    # and applied: e = scale * (S g) is the perturbation of the unscaled gradients
+    params = _rand([(5,), (3, 7)], torch.float32, gen)
+    before = [p.clone() for p in params]
+    ops.perturb_(params, scaled, [torch.empty_like(p) for p in params], sumsq, rho=0.05,
+                 eps=1e-3, normalize=normalize, grad_scale=gs, backend="torch")
+    for p, w, g in zip(params, before, scaled):
+        _close(p, w.double() + want * g.double(), torch.float32, scale=2.0)
 
 
 def test_ops_accept_non_contiguous_tensors(gen):
@@ -126,14 +154,14 @@ def test_ops_accept_non_contiguous_tensors(gen):
     assert not param.is_contiguous()
     before = param.clone()
     backup = torch.empty_like(param)
-    ops.perturb_([param], [grad], [backup], torch.tensor(0.5), backend="torch")
+    ops.perturb_([param], [grad], [backup], torch.tensor(1.0), rho=0.5, normalize=False, backend="torch")
     _close(param, before.double() + 0.5 * grad.double(), torch.float32, scale=2.0)
     ops.restore_([param], [backup], backend="torch")
     assert torch.equal(param, before)
 
 
 def test_empty_lists_are_no_ops():
-    ops.perturb_([], [], [], torch.tensor(1.0), backend="torch")
+    ops.perturb_([], [], [], torch.tensor(1.0), rho=1.0, normalize=False, backend="torch")
     ops.restore_([], [], backend="torch")
 
 
@@ -143,7 +171,7 @@ def test_thousands_of_tensors_in_one_call(gen):
     grads = _rand(shapes, torch.float32, gen)
     originals = [p.clone() for p in params]
     backups = [torch.empty_like(p) for p in params]
-    ops.perturb_(params, grads, backups, torch.tensor(0.25), backend="torch")
+    ops.perturb_(params, grads, backups, torch.tensor(1.0), rho=0.25, normalize=False, backend="torch")
     for p, w, g in zip(params, originals, grads):
         _close(p, w.double() + 0.25 * g.double(), torch.float32, scale=2.0)
 
@@ -280,12 +308,14 @@ def test_sampa_points_and_update(dtype, options, init, gen):
     backups = [torch.empty_like(t) for t in x]
     ys = [torch.empty_like(t) for t in x]
     mom = bufs if options["momentum"] else None
-    ops.sampa_points_(params, g_y, mom, backups, ys, torch.tensor(0.05), lr=0.1,
+    sumsq = ops.grad_sumsq(g_y, backend="torch")
+    scale = torch_ops.perturbation_scale(sumsq, 0.05, 1e-12, True)
+    ops.sampa_points_(params, g_y, mom, backups, ys, sumsq, rho=0.05, eps=1e-12, lr=0.1,
                       init_buffers=init, backend="torch", **options)
     for i in range(len(shapes)):
         assert torch.equal(backups[i], x[i])
         assert torch.equal(bufs[i], bufs_before[i]), "points must not commit the buffers"
-        _close(params[i], x[i].double() + torch.tensor(0.05).item() * g_y[i].double(), dtype,
+        _close(params[i], x[i].double() + scale.item() * g_y[i].double(), dtype,
                scale=2.0)
         want_y, _ = _sgd64(x[i].double(), g_y[i].double(), bufs_before[i].double(), 0.1,
                            options["momentum"], options["dampening"], options["weight_decay"],
@@ -311,18 +341,18 @@ def test_sampa_points_and_update(dtype, options, init, gen):
 def test_mismatched_lists_are_rejected():
     a = [torch.zeros(3), torch.zeros(4)]
     with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
-        ops.perturb_(a, [torch.zeros(3)], [torch.zeros(3), torch.zeros(4)], torch.tensor(1.0),
+        ops.perturb_(a, [torch.zeros(3)], [torch.zeros(3), torch.zeros(4)], torch.tensor(1.0), rho=1.0, normalize=False,
                      backend="torch")
     with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \(5,\)"):
         ops.perturb_(a, [torch.zeros(3), torch.zeros(5)], [torch.zeros(3), torch.zeros(4)],
-                     torch.tensor(1.0), backend="torch")
+                     torch.tensor(1.0), rho=1.0, backend="torch")
 
 
 def test_tensors_of_one_parameter_on_several_devices_are_rejected():
     param = torch.zeros(3)
     grad = torch.zeros(3, device="meta")
     with pytest.raises(RuntimeError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
-        ops.perturb_([param], [grad], [torch.zeros(3)], torch.tensor(1.0), backend="torch")
+        ops.perturb_([param], [grad], [torch.zeros(3)], torch.tensor(1.0), rho=1.0, normalize=False, backend="torch")
 
 
 def test_sparse_complex_and_integer_tensors_are_rejected():
@@ -344,15 +374,15 @@ def test_validated_layouts_are_not_reused_for_other_tensors(gen):
     params = _rand([(4,), (6,)], torch.float32, gen)
     grads = _rand([(4,), (6,)], torch.float32, gen)
     backups = [torch.empty_like(p) for p in params]
-    ops.perturb_(params, grads, backups, torch.tensor(0.1), backend="torch")
+    ops.perturb_(params, grads, backups, torch.tensor(1.0), rho=0.1, normalize=False, backend="torch")
     with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \(3, 2\)"):
-        ops.perturb_(params, [grads[0], grads[1].view(3, 2)], backups, torch.tensor(0.1),
+        ops.perturb_(params, [grads[0], grads[1].view(3, 2)], backups, torch.tensor(1.0), rho=0.1, normalize=False,
                      backend="torch")
     # a parameter whose storage changes dtype in place (as module.to() does)
     params[1].data = params[1].data.to(torch.bfloat16)
     grads[1] = grads[1].to(torch.bfloat16)
     backups[1] = torch.empty_like(params[1])
     before = [p.clone() for p in params]
-    ops.perturb_(params, grads, backups, torch.tensor(0.5), backend="torch")
+    ops.perturb_(params, grads, backups, torch.tensor(1.0), rho=0.5, normalize=False, backend="torch")
     assert params[1].dtype == torch.bfloat16
     _close(params[1], before[1].double() + 0.5 * grads[1].double(), torch.bfloat16, scale=2.0)

@@ -82,6 +82,29 @@ def _in_place(storage: TensorList, skip: Tensor | None) -> bool:
     return skip is None and storage[0].dtype == _math_dtype(storage[0].dtype)
 
 
+def perturbation_scale(
+    sumsq: Tensor, rho: float, eps: float, normalize: bool, grad_scale: Tensor | None = None
+) -> Tensor:
+    """The perturbation's scale as a 0-dim device tensor, from the global sum of squares.
+
+    ``rho / (||g|| + eps)`` (``rho`` for USAM), with the roundings of PyTorch's
+    ``float / tensor`` (a reciprocal, then a product), so every backend can
+    reproduce it bit for bit inside its kernels. With gradients scaled by ``S``
+    (GradScaler), ``sumsq`` is that of the scaled gradients and the scale is
+    that of the unscaled ones: ``rho / (||S g|| + S * eps)``, or ``rho / S``.
+    0 where ``sumsq`` is not finite, which the perturbation reads as "skip".
+    """
+    if normalize:
+        norm = torch.sqrt(sumsq)
+        denom = norm + (eps if grad_scale is None else grad_scale.to(norm) * eps)
+        scale = torch.reciprocal(denom) * rho
+    elif grad_scale is None:
+        scale = torch.full_like(sumsq, rho)
+    else:
+        scale = torch.reciprocal(grad_scale.to(sumsq)) * rho
+    return torch.where(torch.isfinite(sumsq), scale, torch.zeros_like(scale))
+
+
 def _perturbation(
     params: TensorList, grads: TensorList, scale: Tensor, eta: float | None
 ) -> Tensors:
@@ -103,22 +126,37 @@ def _perturbation(
     return e
 
 
-def perturb_(
-    params: TensorList,
-    grads: TensorList,
-    backups: TensorList,
-    scale: Tensor,
-    eta: float | None = None,
+def _perturb_by_scale(
+    params: TensorList, grads: TensorList, backups: TensorList, scale: Tensor, eta: float | None
 ) -> None:
-    """backups <- w;  w <- w + e(w, g, scale)."""
-    if len(params) == 0:
-        return
     e = _perturbation(params, grads, scale, eta)
     torch._foreach_copy_(list(backups), list(params))
     if _in_place(params, None):
         torch._foreach_add_(list(params), e)
     else:
         torch._foreach_copy_(list(params), torch._foreach_add(_widen(params), e))
+
+
+def perturb_(
+    params: TensorList,
+    grads: TensorList,
+    backups: TensorList,
+    sumsq: Tensor,
+    *,
+    rho: float,
+    eps: float,
+    normalize: bool,
+    eta: float | None = None,
+    grad_scale: Tensor | None = None,
+) -> None:
+    """backups <- w;  w <- w + e(w, g), ``e`` scaled by :func:`perturbation_scale` of
+    ``sumsq`` (the global sum of squares of the gradients, or of ``(|w| + eta) g``)."""
+    if len(params) == 0:
+        return
+    device = params[0].device
+    scale = perturbation_scale(sumsq.to(device, non_blocking=True), rho, eps, normalize,
+                               None if grad_scale is None else grad_scale.to(device))
+    _perturb_by_scale(params, grads, backups, scale, eta)
 
 
 def restore_(params: TensorList, backups: TensorList) -> None:
@@ -306,8 +344,10 @@ def sampa_points_(
     momentum_buffers: TensorList | None,
     backups: TensorList,
     ys: TensorList,
-    scale: Tensor,
+    sumsq: Tensor,
     *,
+    rho: float,
+    eps: float,
     lr: float,
     momentum: float = 0.0,
     dampening: float = 0.0,
@@ -320,7 +360,8 @@ def sampa_points_(
 
     backups <- x;  ys <- the point ``torch.optim.SGD`` would move x to with
     gradient ``g_y`` (the momentum buffers are read, not written);
-    params <- x~ = x + scale * g_y (unchanged where scale == 0).
+    params <- x~ = x + scale * g_y, ``scale = rho / (||g_y|| + eps)`` from ``sumsq``
+    (:func:`perturbation_scale`; x~ = x where ``sumsq`` is not finite).
     """
     if len(params) == 0:
         return
@@ -341,7 +382,7 @@ def sampa_points_(
         init_buffers=init_buffers,
     )
     torch._foreach_copy_(list(ys), torch._foreach_add(x, d, alpha=-lr))
-    perturb_(params, grads_y, backups, scale)
+    perturb_(params, grads_y, backups, sumsq, rho=rho, eps=eps, normalize=True)
 
 
 def sampa_update_(

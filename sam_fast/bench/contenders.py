@@ -28,7 +28,6 @@ from torch import Tensor
 
 from .. import dispatch, ops
 from ..reference import ReferenceSAM
-from ..wrapper import SharpnessOptimizer
 from .presets import Preset
 
 # -- shared inputs ---------------------------------------------------------------------------
@@ -496,10 +495,9 @@ class _SamFastSampa:
 
     def points(self) -> None:
         hp = self.hp
-        norm = ops.grad_norm(self.ws.g1, backend=self.backend)
-        scale = SharpnessOptimizer.perturbation_scale(norm, hp.sampa_rho, hp.eps, True, None)
-        ops.sampa_points_(self.ws.params, self.ws.g1, self.bufs, self.backups, self.ys, scale,
-                          backend=self.backend, **hp.sgd_kwargs())
+        sumsq = ops.grad_sumsq(self.ws.g1, backend=self.backend)
+        ops.sampa_points_(self.ws.params, self.ws.g1, self.bufs, self.backups, self.ys, sumsq,
+                          rho=hp.sampa_rho, eps=hp.eps, backend=self.backend, **hp.sgd_kwargs())
 
     def update(self) -> None:
         hp = self.hp
