@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import ops
+from . import dispatch
+from .distributed import local
+from .plan import Bucket
 
 _SGD_KEYS = frozenset(
     {"params", "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach",
@@ -105,33 +107,70 @@ def new_momentum_buffers(opt: Optimizer, params: Sequence[Tensor]) -> list[Tenso
     return bufs
 
 
-def restore_sgd_step(
-    opt: Optimizer,
-    group: dict,
-    params: Sequence[Tensor],
-    backups: Sequence[Tensor],
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    backend: str,
-) -> None:
-    """``w <- backup`` and ``torch.optim.SGD``'s step on ``group`` for ``params``."""
+def skipped(found_inf: Tensor | None) -> bool:
+    """Whether GradScaler found inf/NaN, read on the host.
+
+    Only called where a step would *create* optimizer state (a parameter's first
+    step): torch.optim creates no state on a skipped step, and fresh state cannot
+    be made conditional on a device flag. So the read happens on the first
+    step(s) of a run only, never in steady state.
+    """
+    return found_inf is not None and bool(found_inf)
+
+
+def _pick(lst: Sequence[Tensor], idx: Sequence[int] | None) -> list[Tensor]:
+    return list(lst) if idx is None else [lst[i] for i in idx]
+
+
+def _mismatched(states: Sequence[Tensor | None], tensors: Sequence[Tensor]) -> bool:
+    return any(s is not None and (s.dtype != t.dtype or s.device != t.device)
+               for s, t in zip(states, tensors))
+
+
+def restore_sgd_step(opt: Optimizer, group: dict, bucket: Bucket, grads: Sequence[Tensor],
+                     idx: Sequence[int] | None, *, grad_scale: Tensor | None,
+                     found_inf: Tensor | None, backend: str) -> None:
+    """``w <- backup`` and ``torch.optim.SGD``'s step on ``bucket`` (positions ``idx``,
+    all when None) with ``grads`` (aligned with ``idx``)."""
     options = sgd_options(group)
-    for idx, bufs, init in momentum_parts(opt, params, options["momentum"]):
-        part = [params[i] for i in idx]
-        if init:
-            bufs = new_momentum_buffers(opt, part)
-        ops.restore_sgd_(
-            part,
-            [backups[i] for i in idx],
-            [p.grad for p in part],
-            bufs,
-            init_buffers=init,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            backend=backend,
-            **options,
-        )
+    tensors, backups = _pick(bucket.tensors, idx), _pick(bucket.backups, idx)
+    impl = bucket.impls["restore_sgd_"]
+    if options["momentum"] == 0:
+        impl(tensors, backups, list(grads), None, init_buffers=False, grad_scale=grad_scale,
+             found_inf=found_inf, **options)
+        return
+    cache = bucket.cache
+    bufs_all = cache.get("momentum_buffer")
+    if bufs_all is None:
+        bufs_all = cache["momentum_buffer"] = [opt.state[p].get("momentum_buffer")
+                                               for p in bucket.params]
+        cache["momentum_mismatch"] = _mismatched(bufs_all, bucket.tensors)
+    bufs = _pick(bufs_all, idx) if idx is not None else bufs_all
+    if cache["momentum_mismatch"]:
+        impl = dispatch.lookup("restore_sgd_", "torch", bucket.device)
+    if all(b is not None for b in bufs):
+        impl(tensors, backups, list(grads), bufs, init_buffers=False, grad_scale=grad_scale,
+             found_inf=found_inf, **options)
+        return
+    positions = range(len(bucket.params)) if idx is None else idx
+    have = [k for k, b in enumerate(bufs) if b is not None]
+    fresh = [k for k, b in enumerate(bufs) if b is None]
+    if have:
+        impl([tensors[k] for k in have], [backups[k] for k in have], [grads[k] for k in have],
+             [bufs[k] for k in have], init_buffers=False, grad_scale=grad_scale,
+             found_inf=found_inf, **options)
+    part = [tensors[k] for k in fresh]
+    if skipped(found_inf):
+        # torch.optim creates no buffer on a skipped step: restore only.
+        bucket.impls["restore_"](part, [backups[k] for k in fresh])
+        return
+    params = [bucket.params[positions[k]] for k in fresh]
+    new = new_momentum_buffers(opt, params)
+    impl(part, [backups[k] for k in fresh], [grads[k] for k in fresh],
+         [local(b) for b in new], init_buffers=True, grad_scale=grad_scale, found_inf=None,
+         **options)
+    for k, b in zip(fresh, new):
+        bufs_all[positions[k]] = local(b)
 
 
 def _init_adam_state(opt: Optimizer, group: dict, p: Tensor) -> dict:
@@ -156,38 +195,66 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def restore_adam_step(
-    opt: Optimizer,
-    group: dict,
-    params: Sequence[Tensor],
-    backups: Sequence[Tensor],
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    backend: str,
-) -> None:
-    """``w <- backup`` and ``torch.optim.Adam``/``AdamW``'s step on ``group`` for ``params``."""
-    states = [_init_adam_state(opt, group, p) for p in params]
+_ADAM_KEYS_IN_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+
+
+def _adam_lists(opt: Optimizer, group: dict, bucket: Bucket) -> dict[str, list]:
+    cache = bucket.cache.get("adam")
+    if cache is None:
+        states = [opt.state[p] for p in bucket.params]
+        cache = {key: [s.get(key) for s in states] for key in _ADAM_KEYS_IN_STATE}
+        cache = {k: [None if t is None or k == "step" else local(t) for t in v]
+                 if k != "step" else v for k, v in cache.items()}
+        cache["fresh"] = any(len(s) == 0 for s in states)
+        cache["mismatch"] = _mismatched(cache["exp_avg"], bucket.tensors) or _mismatched(
+            cache["exp_avg_sq"], bucket.tensors)
+        bucket.cache["adam"] = cache
+    return cache
+
+
+def restore_adam_step(opt: Optimizer, group: dict, bucket: Bucket, grads: Sequence[Tensor],
+                      idx: Sequence[int] | None, *, grad_scale: Tensor | None,
+                      found_inf: Tensor | None, backend: str) -> None:
+    """``w <- backup`` and ``torch.optim.Adam``/``AdamW``'s step on ``bucket`` (positions
+    ``idx``, all when None) with ``grads``."""
+    lists = _adam_lists(opt, group, bucket)
+    positions = list(range(len(bucket.params))) if idx is None else list(idx)
+    if lists["fresh"]:
+        fresh = [i for i in positions if lists["step"][i] is None]
+        if fresh and skipped(found_inf):
+            # No state on a skipped step (torch.optim's behaviour): restore all, step none.
+            bucket.impls["restore_"](_pick(bucket.tensors, positions),
+                                     _pick(bucket.backups, positions))
+            return
+        for i in fresh:
+            state = _init_adam_state(opt, group, bucket.params[i])
+            for key in _ADAM_KEYS_IN_STATE:
+                t = state.get(key)
+                lists[key][i] = t if t is None or key == "step" else local(t)
+        lists["fresh"] = any(s is None for s in lists["step"])
+    impl = bucket.impls["restore_adamw_"]
+    if lists["mismatch"]:
+        impl = dispatch.lookup("restore_adamw_", "torch", bucket.device)
     beta1, beta2 = group["betas"]
-    ops.restore_adamw_(
-        list(params),
-        list(backups),
-        [p.grad for p in params],
-        [s["exp_avg"] for s in states],
-        [s["exp_avg_sq"] for s in states],
-        [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-        [s["step"] for s in states],
+    amsgrad = group["amsgrad"]
+    impl(
+        _pick(bucket.tensors, idx),
+        _pick(bucket.backups, idx),
+        list(grads),
+        _pick(lists["exp_avg"], idx),
+        _pick(lists["exp_avg_sq"], idx),
+        _pick(lists["max_exp_avg_sq"], idx) if amsgrad else None,
+        _pick(lists["step"], idx),
         lr=group["lr"],
         beta1=beta1,
         beta2=beta2,
         eps=group["eps"],
         weight_decay=group["weight_decay"],
-        amsgrad=group["amsgrad"],
+        amsgrad=amsgrad,
         maximize=group["maximize"],
         decoupled_weight_decay=group.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW),
         grad_scale=grad_scale,
         found_inf=found_inf,
-        backend=backend,
     )
 
 

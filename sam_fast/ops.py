@@ -8,7 +8,7 @@ belongs to the same parameter.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from typing import Sequence
 
 import torch
@@ -49,37 +49,15 @@ def check_tensor(t: Tensor, what: str) -> None:
 
 Groups = dict[tuple[torch.device, torch.dtype], list[list[Tensor] | None]]
 
-# Validated layouts: fingerprint of the lists -> per group, its key and positions.
-# A step calls the ops with the same tensors over and over; checking them once
-# keeps the host's share of a step small (see docs/triton.md for measurements).
-_LAYOUT_CACHE: OrderedDict[tuple, list[tuple[tuple[torch.device, torch.dtype], list[int]]]] = (
-    OrderedDict()
-)
-_LAYOUT_CACHE_SIZE = 256
-
-
-def _fingerprint(lists: Sequence[list[Tensor] | None]) -> tuple:
-    """Storage address and shape of every tensor (and the head's dtypes): equal
-    fingerprints mean the same devices, dtypes and shapes, so the same groups."""
-    parts: list[tuple] = []
-    for lst in lists:
-        if lst is None:
-            parts.append(())
-            continue
-        parts.append(tuple(map(Tensor.data_ptr, lst)))
-        parts.append(tuple(map(Tensor.size, lst)))
-    head = lists[0]
-    assert head is not None
-    parts.append(tuple(t.dtype for t in head))
-    return tuple(parts)
-
 
 def group_by_device_and_dtype(names: Sequence[str], lists: Sequence[TensorList | None]) -> Groups:
     """Split aligned lists into per-(device, dtype) sublists, keyed by the first list's tensors.
 
     Every tensor at position ``i`` must match the first list's tensor in device
-    and shape. DTensors (FSDP2) stand for their local shards. The checks run
-    once per distinct set of tensors (by storage address and shape).
+    and shape. DTensors (FSDP2) stand for their local shards. The checks run on
+    every call and keep nothing: these ops take any lists (gradients are new
+    tensors every step). The optimizers check their parameters once per layout
+    instead (:mod:`sam_fast.plan`) and call the backends directly.
     """
     head = lists[0]
     assert head is not None
@@ -89,19 +67,7 @@ def group_by_device_and_dtype(names: Sequence[str], lists: Sequence[TensorList |
     plain: list[list[Tensor] | None] = [
         None if lst is None else [local(t) for t in lst] for lst in lists
     ]
-    try:
-        key = (tuple(names), _fingerprint(plain))
-    except (RuntimeError, TypeError):  # tensors without storage (e.g. sparse): check in full
-        key = None
-    layout = _LAYOUT_CACHE.get(key) if key is not None else None
-    if layout is None:
-        layout = _validate_and_group(names, plain)
-        if key is not None:
-            _LAYOUT_CACHE[key] = layout
-            if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-                _LAYOUT_CACHE.popitem(last=False)
-    else:
-        _LAYOUT_CACHE.move_to_end(key)
+    layout = _validate_and_group(names, plain)
     if len(layout) == 1:  # the common case: one device, one dtype
         return {layout[0][0]: plain}
     return {

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import base_step, ops
-from .wrapper import SharpnessOptimizer, split_eps
+from . import base_step, ops, plan
+from .wrapper import SharpnessOptimizer, _eager, split_eps
 
 
 class SAM(SharpnessOptimizer):
@@ -66,35 +66,37 @@ class SAM(SharpnessOptimizer):
             raise ValueError(f"Invalid eta, should be non-negative: {eta}")
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, perturb_eps=perturb_eps)
         super().__init__(params, base_optimizer, defaults, kwargs, backend)
-        # Params perturbed by first_step, per group; None when not perturbed.
-        self._perturbed: list[list[Tensor]] | None = None
-        self.last_grad_norm: Tensor | None = None
-        """The gradient norm of the last :meth:`first_step` (0-dim device tensor)."""
-        self.perturbation_skipped: Tensor | None = None
+
+    _PLAN_OPS = ("perturb_", "restore_", "restore_sgd_", "restore_adamw_")
+
+    # -- what the last first_step measured ------------------------------------------------------
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The gradient norm of the last :meth:`first_step` (0-dim device tensor; computed
+        from the sum of squares when first read)."""
+        state = self._step_state
+        if state.norm is None and state.sumsq is not None:
+            state.norm = state.sumsq.sqrt()
+        return state.norm
+
+    @property
+    def perturbation_skipped(self) -> Tensor | None:
         """Whether the last :meth:`first_step` skipped the perturbation because the norm was
         not finite (0-dim bool device tensor; read it with ``.item()`` when you need it)."""
+        sumsq = self._step_state.sumsq
+        return None if sumsq is None else ~torch.isfinite(sumsq)
+
+    @property
+    def _perturbed(self) -> bool:
+        return self._step_state.perturbed is not None
+
+    def _adaptive_eta(self, group: dict) -> float | None:
+        return float(group["eta"]) if group["adaptive"] else None
 
     # -- the algorithm ---------------------------------------------------------------------
 
-    def _grad_norm(self, params_by_group: list[list[Tensor]]) -> Tensor:
-        """The global norm of DESIGN.md section 2: ``||g||``, with ASAM's weights
-        ``|w| + eta`` on the groups that are adaptive."""
-        parts: dict[float | None, tuple[list[Tensor], list[Tensor]]] = {}
-        for group, params in zip(self.param_groups, params_by_group):
-            key = float(group["eta"]) if group["adaptive"] else None
-            ws, gs = parts.setdefault(key, ([], []))
-            ws.extend(params)
-            gs.extend(p.grad for p in params)
-        home = params_by_group[next(i for i, ps in enumerate(params_by_group) if ps)][0].device
-        norms = [
-            ops.grad_sumsq(gs, ws if eta is not None else None, eta or 0.0, backend=self.backend)
-            for eta, (ws, gs) in parts.items()
-        ]
-        if len(norms) == 1:
-            return norms[0]
-        acc = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-        return torch.stack([n.to(home, acc) for n in norms]).sum()
-
+    @_eager
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
         """Save ``w`` and move to ``w + e(w)`` along the current gradients.
@@ -104,40 +106,82 @@ class SAM(SharpnessOptimizer):
         (needed for USAM; SAM's direction does not depend on the scale).
         A non-finite gradient norm skips the perturbation: the weights stay as
         they are and :attr:`perturbation_skipped` is set.
+
+        All or nothing: every check runs before any weight is written, and a
+        failure while writing puts back what was already perturbed.
         """
-        if self._perturbed is not None:
+        if not self._first_step(grad_scaler):
+            raise RuntimeError(
+                "first_step(): no parameter has a gradient; run backward() before first_step()"
+            )
+        if zero_grad:
+            self.zero_grad()
+
+    def _first_step(self, grad_scaler: Any) -> bool:
+        """:meth:`first_step`'s work; False (nothing touched) when no parameter has a gradient."""
+        state = self._step_state
+        if state.perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the parameters are already "
                 "perturbed; call second_step() (or restore()) first"
             )
-        params_by_group = [
-            [p for p in group["params"] if p.grad is not None] for group in self.param_groups
-        ]
-        if not any(params_by_group):
-            raise RuntimeError(
-                "first_step(): no parameter has a gradient; run backward() before first_step()"
-            )
-        grad_scale = _scale_of(grad_scaler)
-        sumsq = self._grad_norm(params_by_group)
-        self.last_grad_norm = sumsq.sqrt()
-        self.perturbation_skipped = ~torch.isfinite(sumsq)
-        for group, params in zip(self.param_groups, params_by_group):
-            if not params:
-                continue
-            ops.perturb_(
-                params,
-                [p.grad for p in params],
-                [self._buffer(p, "backup") for p in params],
-                sumsq,
-                rho=group["rho"], eps=group["perturb_eps"], normalize=group["normalize"],
-                eta=float(group["eta"]) if group["adaptive"] else None,
-                grad_scale=grad_scale,
-                backend=self.backend,
-            )
-        self._perturbed = params_by_group
-        if zero_grad:
-            self.zero_grad()
+        grad_scale = _scale_of(grad_scaler, self)
+        current = self._current_plan()
+        grads = [b.grads() for b in current.buckets]
+        if all(map(plan.complete, grads)):
+            sumsq = plan.total_sumsq(current, grads, _dtensor_grads(current, grads))
+            masks: list[list[int] | None] = [None] * len(grads)
+        else:
+            found = [[i for i, g in enumerate(gs) if g is not None] for gs in grads]
+            if not any(found):
+                return False
+            for b, gs in zip(current.buckets, grads):
+                plan.check_grads(gs, b.params)
+            masks = [None if len(f) == len(gs) else f for f, gs in zip(found, grads)]
+            grads = [gs if m is None else [gs[i] for i in m] for gs, m in zip(grads, masks)]
+            sumsq = self._partial_sumsq(current, grads, masks)
+        state.sumsq, state.norm = sumsq, None
+        done: list[int] = []
+        try:
+            for bi, (b, gs, m) in enumerate(zip(current.buckets, grads, masks)):
+                if not gs:
+                    continue
+                group = self.param_groups[b.group_index]
+                tensors = b.tensors if m is None else [b.tensors[i] for i in m]
+                backups = b.backups if m is None else [b.backups[i] for i in m]
+                b.impls["perturb_"](
+                    tensors, gs, backups, _on(sumsq, b.device), rho=float(group["rho"]),
+                    eps=float(group["perturb_eps"]), normalize=bool(group["normalize"]),
+                    eta=self._adaptive_eta(group),
+                    grad_scale=None if grad_scale is None else _on(grad_scale, b.device))
+                done.append(bi)
+        except BaseException:
+            for bi in done:  # all or nothing: put back what was perturbed
+                m = masks[bi]
+                b = current.buckets[bi]
+                b.impls["restore_"](b.tensors if m is None else [b.tensors[i] for i in m],
+                                    b.backups if m is None else [b.backups[i] for i in m])
+            raise
+        state.perturbed = masks
+        return True
 
+    def _partial_sumsq(self, current: plan.Plan, grads: list[list[Tensor]],
+                       masks: list[list[int] | None]) -> Tensor:
+        """The global sum of squares when some gradients are missing (the validating ops)."""
+        parts: dict[float | None, tuple[list[Tensor], list[Tensor]]] = {}
+        for b, gs, m in zip(current.buckets, grads, masks):
+            eta = self._adaptive_eta(self.param_groups[b.group_index])
+            ws, acc = parts.setdefault(eta, ([], []))
+            ws.extend(b.params if m is None else [b.params[i] for i in m])
+            acc.extend(p.grad for p in (b.params if m is None else [b.params[i] for i in m]))
+        sums = [ops.grad_sumsq(gs, ws if eta is not None else None, eta or 0.0,
+                               backend=self.backend) for eta, (ws, gs) in parts.items()]
+        if len(sums) == 1:
+            return sums[0]
+        acc_dtype = torch.float64 if any(t.dtype == torch.float64 for t in sums) else torch.float32
+        return torch.stack([t.to(current.home, acc_dtype) for t in sums]).sum()
+
+    @_eager
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the weights saved by :meth:`first_step` without stepping.
@@ -145,19 +189,28 @@ class SAM(SharpnessOptimizer):
         For a second forward/backward that failed in user code; :meth:`step`
         calls it for you when its closure raises.
         """
-        if self._perturbed is None:
+        state = self._step_state
+        if state.perturbed is None:
             return
-        for params in self._perturbed:
-            if params:
-                ops.restore_(params, [self.state[p]["backup"] for p in params],
-                             backend=self.backend)
-        self._perturbed = None
+        current = state.plan
+        assert current is not None
+        for b, m in zip(current.buckets, state.perturbed):
+            b.impls["restore_"](b.tensors if m is None else [b.tensors[i] for i in m],
+                                b.backups if m is None else [b.backups[i] for i in m])
+        state.perturbed = None
 
+    @_eager
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Go back to ``w`` bit for bit, then take the base optimizer's step with the
-        gradients at ``w + e(w)``."""
-        if self._perturbed is None:
+        gradients at ``w + e(w)``.
+
+        A parameter with a gradient only now (an unused branch in the first pass,
+        a routed expert) is stepped, with ``e = 0``, as ``torch.optim`` steps it; one
+        with no gradient now is restored and not stepped.
+        """
+        state = self._step_state
+        if state.perturbed is None:
             raise RuntimeError(
                 "second_step() called without first_step(): there is no saved point to "
                 "return to"
@@ -165,41 +218,48 @@ class SAM(SharpnessOptimizer):
         # Set by GradScaler.step() on optimizers with _step_supports_amp_scaling.
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-
-        fallback = False
-        for group, params in zip(self.param_groups, self._perturbed):
-            kind = base_step.fused_kind(self.base_optimizer, group, self.group_keys)
-            stepping = [p for p in params if p.grad is not None]
-            idle = [p for p in params if p.grad is None]
+        current = state.plan
+        assert current is not None
+        base = self.base_optimizer
+        kinds = [base_step.fused_kind(base, g, self.group_keys) for g in self.param_groups]
+        fallback: dict[int, dict] = {}
+        for b, m in zip(current.buckets, state.perturbed):
+            group = self.param_groups[b.group_index]
+            kind = kinds[b.group_index]
+            grads = b.grads()
             if kind is None:
-                fallback = True
-                idle = params
-                stepping = []
+                b.impls["restore_"](b.tensors if m is None else [b.tensors[i] for i in m],
+                                    b.backups if m is None else [b.backups[i] for i in m])
+                b.cache.clear()  # the base optimizer's own step may create state
+                fallback[id(group)] = group
+                continue
+            step = base_step.RESTORE_STEPS[kind]
+            if m is None and plan.complete(grads):
+                step(base, group, b, grads, None, grad_scale=grad_scale, found_inf=found_inf,
+                     backend=self.backend)
+                continue
+            plan.check_grads(grads, b.params)
+            perturbed = set(range(len(grads))) if m is None else set(m)
+            stepping = [i for i, g in enumerate(grads) if g is not None]
+            idle = [i for i in sorted(perturbed) if grads[i] is None]
+            late = [i for i in stepping if i not in perturbed]
             if idle:
-                ops.restore_(idle, [self.state[p]["backup"] for p in idle], backend=self.backend)
+                b.impls["restore_"]([b.tensors[i] for i in idle], [b.backups[i] for i in idle])
+            if late:  # never perturbed: they sit at w, which the fused step reads from the backup
+                torch._foreach_copy_([b.backups[i] for i in late], [b.tensors[i] for i in late])
             if stepping:
-                base_step.RESTORE_STEPS[kind](
-                    self.base_optimizer,
-                    group,
-                    stepping,
-                    [self.state[p]["backup"] for p in stepping],
-                    grad_scale=grad_scale,
-                    found_inf=found_inf,
-                    backend=self.backend,
-                )
-        self._perturbed = None
+                step(base, group, b, [grads[i] for i in stepping], stepping,
+                     grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
+        state.perturbed = None
         if fallback:
-            self._base_step_fallback(grad_scale, found_inf)
+            self._base_step_fallback(list(fallback.values()), grad_scale, found_inf)
         self._mark_stepped()
         if zero_grad:
             self.zero_grad()
 
-    def _base_step_fallback(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _base_step_fallback(self, groups: list[dict], grad_scale: Tensor | None,
+                            found_inf: Tensor | None) -> None:
         """The base optimizer's own ``step()`` for groups no fused op covers."""
-        groups = [
-            g for g in self.param_groups
-            if base_step.fused_kind(self.base_optimizer, g, self.group_keys) is None
-        ]
         if found_inf is not None and bool(found_inf):
             # The one host read of the AMP fallback path, as in GradScaler's own.
             return
@@ -209,35 +269,52 @@ class SAM(SharpnessOptimizer):
                 torch._foreach_mul_(grads, torch.reciprocal(grad_scale.to(grads[0])))
         self._base_step_on(groups)
 
+    @_eager
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One SAM step: perturb along the current gradients, run ``closure`` (the second
-        forward/backward at ``w + e``), restore and step. Returns the closure's loss.
+        """One SAM step with a closure that does a forward/backward pass and returns the loss.
 
-        Called without a closure after :meth:`first_step` (as ``GradScaler.step``
-        does), it is :meth:`second_step`.
+        - gradients present (the usual loop: backward, then ``step(closure)``): perturb
+          along them, run ``closure`` at ``w + e``, restore and step; returns its loss;
+        - no gradient yet (the ``torch.optim`` closure convention, e.g. Lightning's
+          automatic optimization): run ``closure`` for the first pass too; returns the
+          first pass's loss;
+        - after :meth:`first_step`: finish the step (run ``closure`` at ``w + e`` if
+          given, then :meth:`second_step`); without a closure this is what
+          ``GradScaler.step`` calls.
         """
+        if self._step_state.perturbed is not None:
+            loss = None
+            if closure is not None:
+                loss = self._evaluate_perturbed(closure)
+            self.second_step()
+            return loss
         if closure is None:
-            if self._perturbed is not None:
-                self.second_step()
-                return None
             raise RuntimeError(
                 "SAM.step() requires a closure that does the second forward/backward pass "
                 "(or call first_step() and second_step() yourself)"
             )
-        self.first_step(zero_grad=True)
+        first_loss = None
+        if not self._first_step(None):
+            first_loss = self._evaluate(closure)
+            if not self._first_step(None):
+                raise RuntimeError("SAM.step(): the closure produced no gradient")
+        self.zero_grad()
+        loss = self._evaluate_perturbed(closure)
+        self.second_step()
+        return loss if first_loss is None else first_loss
+
+    def _evaluate_perturbed(self, closure: Callable[[], Any]) -> Any:
         try:
-            loss = self._evaluate(closure)
+            return self._evaluate(closure)
         except BaseException:
             self.restore()
             raise
-        self.second_step()
-        return loss
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if self._perturbed is not None:
+        if self._step_state.perturbed is not None:
             raise RuntimeError(
                 "state_dict() between first_step() and second_step(): the parameters hold "
                 "the perturbed point w + e; call second_step() or restore() first"
@@ -245,14 +322,39 @@ class SAM(SharpnessOptimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._perturbed = None
+        self._step_state.perturbed = None
         super().load_state_dict(state_dict)
 
 
-def _scale_of(grad_scaler: Any) -> Tensor | None:
-    """The current scale of a GradScaler as a device tensor (no host sync when possible)."""
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
+def _dtensor_grads(current: plan.Plan, grads: list[list[Tensor]]) -> list[Tensor]:
+    """The DTensor gradients whose shard groups complete the sum (FSDP2); empty otherwise."""
+    if not current.dtensor:
+        return []
+    return [p.grad for b in current.buckets for p in b.params]
+
+
+def _scale_of(grad_scaler: Any, opt: Optimizer) -> Tensor | None:
+    """The current scale of a GradScaler as a device tensor (no host sync when possible).
+
+    A scaler that already unscaled this optimizer's gradients in this iteration (its
+    ``unscale_(opt)`` before ``first_step``) is refused: it would not unscale the second
+    gradients, which are the ones the step uses.
+    """
     if grad_scaler is None or not getattr(grad_scaler, "is_enabled", lambda: True)():
         return None
+    states = getattr(grad_scaler, "_per_optimizer_states", None)
+    if isinstance(states, dict) and id(opt) in states:
+        stage = states[id(opt)].get("stage")
+        if getattr(stage, "name", None) == "UNSCALED":
+            raise RuntimeError(
+                "first_step(grad_scaler=...): scaler.unscale_(opt) was called before "
+                "first_step(); a scaler unscales an optimizer once per update(), and that "
+                "must be the second gradients: call unscale_ after the second backward "
+                "(for clipping), or not at all")
     scale = getattr(grad_scaler, "_scale", None)
     if isinstance(scale, Tensor):
         return scale.float()

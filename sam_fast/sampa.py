@@ -17,9 +17,15 @@ from torch.optim.optimizer import Optimizer
 
 from . import base_step, ops
 from .distributed import TwoSidedExchange
-from .wrapper import SharpnessOptimizer, split_eps
+from .wrapper import SharpnessOptimizer, _eager, split_eps
 
 Closure = Callable[[], Any]
+
+VARIANTS = ("paper", "code")
+"""``"paper"``: Algorithm 1 of the paper (call 0 only evaluates ``grad f(x_0)``).
+``"code"``: the authors' script (LIONS-EPFL/SAMPa ``train.py``): call 0 takes a plain
+base step with ``grad f_{B_0}(x_0)``, and while no momentum buffer exists ``y`` leaves
+out weight decay (see DESIGN.md section 2)."""
 
 
 class SAMPa(SharpnessOptimizer):
@@ -60,12 +66,16 @@ class SAMPa(SharpnessOptimizer):
         lam: float = 0.2,
         *,
         parallel: bool | Any = False,
+        variant: str = "paper",
         backend: str = "auto",
         **kwargs: Any,
     ) -> None:
         perturb_eps = split_eps(base_optimizer, kwargs, default=1e-12)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"Invalid lam, should be in [0, 1]: {lam}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
         super().__init__(params, base_optimizer, dict(rho=rho, lam=lam, perturb_eps=perturb_eps),
                          kwargs, backend)
         self._exchange: TwoSidedExchange | None = None
@@ -75,6 +85,15 @@ class SAMPa(SharpnessOptimizer):
         self._moved: list[list[Tensor]] = []  # groups whose params left x in this step
         self.updates = 0
         """Number of updates of ``x`` so far (calls minus one)."""
+
+    # A kept closure evaluates the *original* model: a copy (deepcopy, pickle) must be
+    # given the closure of the batch before, as after loading a checkpoint.
+    _TRANSIENT = SharpnessOptimizer._TRANSIENT | {"_pending_closure", "_moved"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._pending_closure = None
+        self._moved = []
 
     # -- state between calls -----------------------------------------------------------------
 
@@ -102,6 +121,7 @@ class SAMPa(SharpnessOptimizer):
 
     # -- the step ----------------------------------------------------------------------------
 
+    @_eager
     @torch.no_grad()
     def step(self, closure: Closure | None = None, previous_closure: Closure | None = None) -> Any:
         """One SAMPa call (see the class docstring); returns the loss of ``closure`` at y.
@@ -132,7 +152,9 @@ class SAMPa(SharpnessOptimizer):
                 pending = self._require_pending()
                 ys = self._points(active, fused)
                 grads_tilde = self._gradient_at_x_tilde(pending)
+                _require_some(grads_tilde, "the previous batch's closure (evaluated at x~)")
                 loss, grads_y = self._gradient_at_y(closure, active, ys)
+                _require_some(grads_y, "the closure (evaluated at y)")
             except BaseException:
                 self._restore_x()
                 raise
@@ -147,8 +169,8 @@ class SAMPa(SharpnessOptimizer):
     def _require_pending(self) -> Closure:
         if self._pending_closure is None:
             raise RuntimeError(
-                "SAMPa.step(): this optimizer was loaded from a checkpoint and does not know "
-                "the closure of the batch before it; pass it once as "
+                "SAMPa.step(): this optimizer was loaded from a checkpoint (or copied) and "
+                "does not know the closure of the batch before it; pass it once as "
                 "step(closure, previous_closure=...) (or previous_closure=closure to use the "
                 "current batch for that step)"
             )
@@ -172,8 +194,21 @@ class SAMPa(SharpnessOptimizer):
                 raise failure
         if not grads:
             raise RuntimeError("SAMPa.step(): the closure produced no gradient")
-        for p, g in grads.items():
-            self.state[p]["grad_y"] = g
+        if self.variant == "code":
+            # The script's call 0: g_y starts at zero, so x~ = y = x_0 and both
+            # gradients are grad f_{B_0}(x_0): a plain base step with it.
+            active = [[p for p in g["params"] if p in grads] for g in self.param_groups]
+            for params in active:
+                for p in params:
+                    self._buffer(p, "backup").copy_(p)
+            fused = [base_step.fused_kind(self.base_optimizer, g, self.group_keys) == "sgd"
+                     for g in self.param_groups]
+            self._update(active, fused, grads, grads)
+            self.updates += 1
+            self._mark_stepped()
+        else:
+            for p, g in grads.items():
+                self.state[p]["grad_y"] = g
         self._pending_closure = closure
         return loss
 
@@ -234,6 +269,9 @@ class SAMPa(SharpnessOptimizer):
         options = base_step.sgd_options(group)
         for idx, bufs, init in base_step.momentum_parts(self.base_optimizer, params,
                                                         options["momentum"]):
+            if self.variant == "code" and (init or options["momentum"] == 0):
+                # the script's y while no momentum buffer exists: x - lr * g_y
+                options = dict(options, weight_decay=0.0)
             ops.sampa_points_(
                 [params[i] for i in idx], [grads_y[i] for i in idx], bufs,
                 [backups[i] for i in idx], [ys[i] for i in idx], sumsq, rho=group["rho"],
@@ -242,9 +280,17 @@ class SAMPa(SharpnessOptimizer):
 
     def _simulated_y(self, params: list[Tensor], grads_y: list[Tensor], ys: list[Tensor]) -> None:
         """y = where ``base_optimizer.step()`` would move x with gradient g_y, found by taking
-        that step and undoing it (weights and optimizer state), for bases without a fused op."""
+        that step and undoing it, for bases without a fused op.
+
+        The look-ahead leaves no trace: the weights, the per-parameter state and the
+        param groups' own entries (some optimizers count steps there) are put back,
+        and the step runs without the optimizer's step hooks (an EMA or a step
+        counter hooked to it must see the one real update, not the look-ahead).
+        """
         base = self.base_optimizer
         saved_state = {p: copy.deepcopy(base.state[p]) for p in params if p in base.state}
+        saved_groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                        for g in base.param_groups]
         x = [p.detach().clone() for p in params]
         others = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         hidden = {p: p.grad for p in others}
@@ -253,7 +299,7 @@ class SAMPa(SharpnessOptimizer):
                 p.grad = None
             for p, g in zip(params, grads_y):
                 p.grad = g
-            base.step()
+            _step_without_hooks(base)
             torch._foreach_copy_(ys, params)
         finally:
             torch._foreach_copy_(params, x)
@@ -263,6 +309,10 @@ class SAMPa(SharpnessOptimizer):
                     base.state[p] = saved_state[p]
                 else:
                     base.state.pop(p, None)
+            for group, saved in zip(base.param_groups, saved_groups):
+                for key in [k for k in group if k != "params" and k not in saved]:
+                    del group[key]
+                group.update(saved)
             for p, g in hidden.items():
                 p.grad = g
 
@@ -358,6 +408,24 @@ class SAMPa(SharpnessOptimizer):
             self.state[p]["grad_y"] = g.to(device=p.device, dtype=p.dtype).clone()
         self.updates = int(extra.get("updates", 0))
         self._pending_closure = None
+
+
+def _step_without_hooks(opt: Optimizer) -> None:
+    """``opt.step()`` without its (and the global) step hooks: torch.optim wraps every
+    optimizer class's ``step`` in a hook runner that keeps the original as ``__wrapped__``."""
+    step = type(opt).step
+    raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+    if raw is None:
+        opt.step()
+    else:
+        raw(opt)
+
+
+def _require_some(grads: dict[Tensor, Tensor], what: str) -> None:
+    if not grads:
+        raise RuntimeError(
+            f"SAMPa.step(): {what} produced no gradient (did it call backward()?); the "
+            "parameters are back at x")
 
 
 def _or_zeros(grad: Tensor | None, p: Tensor) -> Tensor:

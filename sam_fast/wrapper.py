@@ -10,13 +10,14 @@ the same ``lr``.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import dispatch, ops
+from . import dispatch, ops, plan
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
@@ -44,6 +45,51 @@ def split_eps(base_optimizer: type[Optimizer] | Optimizer, kwargs: dict[str, Any
     return float(eps)
 
 
+def _eager(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly inside ``torch.compile``'d code (a graph break).
+
+    The optimizer keeps Python state between calls (the perturbation in flight, the
+    plan), which dynamo may not replay faithfully; eagerly, a compiled training step
+    gives exactly the eager results. The ops themselves are registered custom ops.
+    """
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def _check_rho(rho: Any) -> None:
+    if isinstance(rho, Tensor) or not isinstance(rho, (int, float)) or not (
+            math.isfinite(rho) and rho >= 0.0):
+        raise ValueError(f"Invalid rho: {rho!r} (must be a finite float >= 0)")
+
+
+def _check_base_step(base: Optimizer) -> None:
+    """Refuse a base optimizer whose ``step`` needs a closure (``torch.optim.LBFGS``): SAM
+    calls ``step()`` without one, which would fail only after the weights were perturbed."""
+    try:
+        closure = inspect.signature(base.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"{type(base).__name__}.step() requires a closure (it re-evaluates the loss "
+            "itself); SAM's base optimizer must step from the gradients alone"
+        )
+
+
+class StepState:
+    """What changes from step to step: the plan of the current layout, and the
+    perturbation in flight (shared by every copy of the optimizer's ``__dict__``)."""
+
+    __slots__ = ("plan", "perturbed", "sumsq", "norm")
+
+    def __init__(self) -> None:
+        self.plan: plan.Plan | None = None
+        # Per bucket of the plan: None (every tensor perturbed), or the positions
+        # perturbed; the whole list is None when nothing is perturbed.
+        self.perturbed: list[list[int] | None] | None = None
+        self.sumsq: Tensor | None = None
+        self.norm: Tensor | None = None
+
+
 class SharpnessOptimizer(Optimizer):
     """Base of :class:`~sam_fast.SAM` and :class:`~sam_fast.SAMPa`; not for direct use."""
 
@@ -60,10 +106,11 @@ class SharpnessOptimizer(Optimizer):
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        for key, value in wrapper_defaults.items():
-            if key == "rho" and not value >= 0.0:
-                raise ValueError(f"Invalid rho, should be non-negative: {value}")
+        _check_rho(wrapper_defaults["rho"])
         self.backend = backend
+        # Mutable step state lives in one object that every shallow copy of this
+        # optimizer's __dict__ shares (LightningOptimizer and other wrappers copy it).
+        self._step_state = StepState()
 
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -89,9 +136,11 @@ class SharpnessOptimizer(Optimizer):
             )
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        self._wrapper_defaults = dict(wrapper_defaults)
+        _check_base_step(self.base_optimizer)
+        plan.check_no_duplicates(self.param_groups)
         for group in self.param_groups:
-            if not group["rho"] >= 0.0:
-                raise ValueError(f"Invalid rho, should be non-negative: {group['rho']}")
+            _check_rho(group["rho"])
             for p in group["params"]:
                 ops.check_tensor(p, "parameter")
                 reason = dispatch.why_unavailable(self.backend, p.device.type) if (
@@ -119,7 +168,7 @@ class SharpnessOptimizer(Optimizer):
 
     # -- buffers ----------------------------------------------------------------------------
 
-    def _buffer(self, p: Tensor, name: str) -> Tensor:
+    def _buffer(self, p: Tensor, name: str) -> Tensor:  # noqa: D401
         """A scratch tensor like ``p`` kept in ``self.state`` (allocated once, reused)."""
         state = self.state[p]
         buf = state.get(name)
@@ -145,11 +194,73 @@ class SharpnessOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load our own checkpoints, a plain ``torch.optim`` optimizer's, or one saved by
+        ``davda54/sam`` (its ``old_p`` entries are dropped; group keys it lacks take the
+        constructor's values)."""
         base_state = {k: v for k, v in state_dict.items() if k != "sam_fast"}
+        if "state" in base_state:
+            base_state["state"] = {
+                k: {n: v for n, v in s.items() if n != "old_p"} if isinstance(s, dict) else s
+                for k, s in base_state["state"].items()}
         self.base_optimizer.load_state_dict(base_state)
         # Optimizer.load_state_dict builds new group dicts: share them again.
         self.param_groups = self.base_optimizer.param_groups
+        self._fill_group_keys()
+        self._step_state.plan = None
         self._load_extra_state(state_dict.get("sam_fast", {}))
+
+    def _fill_group_keys(self) -> None:
+        """Give every group the wrapper's keys (groups from another optimizer's checkpoint,
+        or added with ``base_optimizer.add_param_group``, lack them)."""
+        for group in self.param_groups:
+            for key, value in self._wrapper_defaults.items():
+                group.setdefault(key, value)
+
+    # -- copies -------------------------------------------------------------------------------
+
+    # Rebuilt after a copy: the plan holds tensors of the original and resolved functions.
+    _TRANSIENT = frozenset({"_step_state"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # All of the wrapper's attributes (torch.optim's own __getstate__ keeps only
+        # defaults, state and param_groups, which loses ours), less what is rebuilt:
+        # the step state, hooks (torch.optim recreates them) and an LR scheduler's
+        # per-instance patch of ``step``.
+        return {k: v for k, v in self.__dict__.items()
+                if k not in self._TRANSIENT and k != "step" and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._step_state = StepState()
+
+    # -- the plan -------------------------------------------------------------------------------
+
+    # The ops every plan resolves for its buckets.
+    _PLAN_OPS: tuple[str, ...] = ("perturb_", "restore_")
+
+    def _adaptive_eta(self, group: dict) -> float | None:
+        return None
+
+    def _current_plan(self) -> plan.Plan:
+        """The plan of the current layout (built when the layout changed)."""
+        current = self._step_state.plan
+        groups = self.param_groups
+        if groups is not self.base_optimizer.param_groups:
+            raise RuntimeError(
+                "the optimizer's param_groups are no longer the base optimizer's; assign "
+                "groups through opt.param_groups of both, or use add_param_group()")
+        if current is not None:
+            if plan.layout_key(groups, self.base_optimizer.state, current.params) == current.key:
+                return current
+        self._fill_group_keys()
+        for group in groups:
+            _check_rho(group["rho"])
+        params = plan.flat_params(groups)
+        key = plan.layout_key(groups, self.base_optimizer.state, params)
+        built = plan.build(groups, lambda p: self.state[p], self.backend, self._PLAN_OPS, key,
+                           self._adaptive_eta)
+        self._step_state.plan = built
+        return built
 
     def _param_index(self) -> dict[int, int]:
         """id(param) -> its position in the state dict's numbering."""
