@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-# The op names every complete backend provides (DESIGN.md section 3).
+# The op names every complete backend provides (docs/design.md section 3).
 OP_NAMES = (
     "grad_sumsq",
     "perturb_",
@@ -29,7 +29,7 @@ OP_NAMES = (
     "sampa_update_",
 )
 
-# Preference order of ``backend="auto"`` per device type (DESIGN.md section 4).
+# Preference order of ``backend="auto"`` per device type (docs/design.md section 4).
 AUTO_ORDER = {
     "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpp", "torch"),

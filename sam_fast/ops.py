@@ -1,4 +1,4 @@
-"""The fused multi-tensor ops of DESIGN.md section 3, callable on any tensor lists.
+"""The fused multi-tensor ops of docs/design.md section 3, callable on any tensor lists.
 
 Each public op checks its lists, splits them into groups that share a device
 and a dtype, and hands every group to the implementation chosen by

@@ -1,6 +1,6 @@
 """What a step needs that depends on the parameters alone, built once and reused.
 
-The host's share of a fused step must stay far below the device's (DESIGN.md
+The host's share of a fused step must stay far below the device's (docs/design.md
 section 3, "The host's share"). Everything that depends only on the
 parameters (their grouping by param group, device and dtype, the checks, the
 backup buffers, the resolved op implementations, the base optimizer's state

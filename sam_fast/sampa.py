@@ -1,6 +1,6 @@
 """SAMPa-λ (Xie, Pethick, Cevher, NeurIPS 2024): SAM whose two gradients are independent.
 
-Sequential, single-process form with the batch pairing of DESIGN.md section 2.
+Sequential, single-process form with the batch pairing of docs/design.md section 2.
 The two gradient evaluations of a step live in separate methods
 (:meth:`SAMPa._gradient_at_x_tilde`, :meth:`SAMPa._gradient_at_y`) so the
 distributed form can run them on different devices.
@@ -25,7 +25,7 @@ VARIANTS = ("paper", "code")
 """``"paper"``: Algorithm 1 of the paper (call 0 only evaluates ``grad f(x_0)``).
 ``"code"``: the authors' script (LIONS-EPFL/SAMPa ``train.py``): call 0 takes a plain
 base step with ``grad f_{B_0}(x_0)``, and while no momentum buffer exists ``y`` leaves
-out weight decay (see DESIGN.md section 2)."""
+out weight decay (see docs/design.md section 2)."""
 
 
 class SAMPa(SharpnessOptimizer):

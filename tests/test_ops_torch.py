@@ -1,4 +1,4 @@
-"""The torch backend's ops against float64 formulas written from DESIGN.md, on awkward data.
+"""The torch backend's ops against float64 formulas written from docs/design.md, on awkward data.
 
 Tolerances: results are rounded once to the storage dtype after fp32 math
 (fp64 math for fp64 storage), so each output element may be off by a few

@@ -1,4 +1,4 @@
-"""The ``torch`` backend: every op of DESIGN.md section 3 with ``torch._foreach_*``.
+"""The ``torch`` backend: every op of docs/design.md section 3 with ``torch._foreach_*``.
 
 This is the executable specification the fused kernels are tested against, so
 it favours clarity over the last byte of traffic. Each function receives one
