@@ -331,10 +331,9 @@ def _on(t: Tensor, device: torch.device) -> Tensor:
 
 
 def _dtensor_grads(current: plan.Plan, grads: list[list[Tensor]]) -> list[Tensor]:
-    """The DTensor gradients whose shard groups complete the sum (FSDP2); empty otherwise."""
-    if not current.dtensor:
-        return []
-    return [p.grad for b in current.buckets for p in b.params]
+    """DTensors whose shard groups complete the sum (FSDP2: the parameters, with the mesh
+    and placements of their gradients); empty when nothing is sharded."""
+    return current.params if current.dtensor else []
 
 
 def _scale_of(grad_scaler: Any, opt: Optimizer) -> Tensor | None:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import base_step, ops
+from . import base_step, ops, plan
+from .distributed import local
 from .distributed import TwoSidedExchange
 from .wrapper import SharpnessOptimizer, _eager, split_eps
 
@@ -99,10 +100,48 @@ class SAMPa(SharpnessOptimizer):
 
     def _grads_y(self) -> list[list[Tensor]]:
         """Per group, the params that have a kept g_y."""
+        self._spill_grads_y()
         return [[p for p in g["params"] if "grad_y" in self.state[p]] for g in self.param_groups]
 
     def _has_grad_y(self) -> bool:
-        return any(self._grads_y())
+        return self._step_state.grads_y is not None or any(self._grads_y())
+
+    # g_y lives per bucket of the plan while the fast path runs (no per-parameter dict
+    # traffic per step), and per parameter in self.state otherwise (the general path,
+    # checkpoints, copies, a new plan).
+
+    def _spill_grads_y(self) -> None:
+        st = self._step_state
+        if st.grads_y is None:
+            return
+        assert st.plan is not None
+        for b, grads in zip(st.plan.buckets, st.grads_y):
+            for p, g in zip(b.params, grads):
+                self.state[p]["grad_y"] = g
+        st.grads_y = None
+
+    def _leave_plan(self, old: Any) -> None:
+        self._spill_grads_y()
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._spill_grads_y()
+        return super().__getstate__()
+
+    def _fast_grads_y(self, current: Any) -> list[list[Tensor]] | None:
+        """g_y per bucket, when every parameter has one (else None: the general path)."""
+        st = self._step_state
+        if st.grads_y is None:
+            loaded = []
+            for b in current.buckets:
+                grads = [self.state[p].get("grad_y") for p in b.params]
+                if any(g is None for g in grads):
+                    return None
+                loaded.append(grads)
+            for b in current.buckets:
+                for p in b.params:
+                    del self.state[p]["grad_y"]
+            st.grads_y = loaded
+        return st.grads_y
 
     def _evaluate_at_current(self, closure: Closure) -> tuple[Any, dict[Tensor, Tensor]]:
         """Zero the gradients, run ``closure``, and take the gradients it produced."""
@@ -140,6 +179,10 @@ class SAMPa(SharpnessOptimizer):
             self._pending_closure = previous_closure
         if not self._has_grad_y():
             return self._first_call(closure)
+        if self._exchange is None:
+            loss = self._fast_step(closure)
+            if loss is not _GENERAL:
+                return loss
 
         active = self._grads_y()
         fused = [
@@ -165,6 +208,119 @@ class SAMPa(SharpnessOptimizer):
         self.updates += 1
         self._mark_stepped()
         return loss
+
+    _PLAN_OPS = ("perturb_", "restore_", "sampa_points_", "sampa_update_")
+
+    def _fast_step(self, closure: Closure) -> Any:
+        """A call k >= 1 with every group on the fused SGD ops, on the plan's buckets.
+
+        Returns ``_GENERAL`` (nothing touched) when the general path must serve the
+        call: a group without a fused op, a parameter without g_y, momentum buffers
+        present for some parameters of a bucket and not for others.
+        """
+        base = self.base_optimizer
+        if not all(base_step.fused_kind(base, g, self.group_keys) == "sgd"
+                   for g in self.param_groups):
+            return _GENERAL
+        current = self._current_plan()
+        buffers = [self._momentum_buffers(b) for b in current.buckets]
+        if any(bufs is _GENERAL for bufs in buffers):
+            return _GENERAL
+        grads_y = self._fast_grads_y(current)
+        if grads_y is None:
+            return _GENERAL
+        pending = self._require_pending()
+        sumsq = plan.total_sumsq(current, grads_y, _dtensor_grads_of(current, grads_y))
+        groups = self.param_groups
+        moved = []
+        try:
+            for b, g_y, bufs in zip(current.buckets, grads_y, buffers):
+                group = groups[b.group_index]
+                options = self._y_options(group, bufs is None)
+                b.impls["sampa_points_"](
+                    b.tensors, g_y, bufs, b.backups, self._ys(b), _on(sumsq, b.device),
+                    rho=float(group["rho"]), eps=float(group["perturb_eps"]),
+                    init_buffers=bufs is None, **options)
+                moved.append(b)
+            _, grads_tilde = self._evaluate_on(current, pending)
+            for b in current.buckets:
+                b.impls["restore_"](b.tensors, self._ys(b))
+            loss, new_grads_y = self._evaluate_on(current, closure)
+            if not any(g is not None for gs in grads_tilde for g in gs):
+                raise RuntimeError(
+                    "SAMPa.step(): the previous batch's closure (evaluated at x~) produced no "
+                    "gradient (did it call backward()?); the parameters are back at x")
+            if not any(g is not None for gs in new_grads_y for g in gs):
+                raise RuntimeError(
+                    "SAMPa.step(): the closure (evaluated at y) produced no gradient (did it "
+                    "call backward()?); the parameters are back at x")
+        except BaseException:
+            for b in moved:
+                b.impls["restore_"](b.tensors, b.backups)
+            raise
+        kept = []
+        for b, g_t, g_y, bufs in zip(current.buckets, grads_tilde, new_grads_y, buffers):
+            group = groups[b.group_index]
+            options = base_step.sgd_options(group)
+            g_t, g_y = _zeros_for_missing(g_t, b.tensors), _zeros_for_missing(g_y, b.tensors)
+            init = bufs is None and options["momentum"] != 0
+            if init:
+                bufs = [local(t) for t in base_step.new_momentum_buffers(base, b.params)]
+                b.cache["momentum_buffer"] = bufs
+            b.impls["sampa_update_"](b.tensors, b.backups, g_t, g_y, bufs, lam=group["lam"],
+                                     init_buffers=init, **options)
+            kept.append(g_y)
+        self._step_state.grads_y = kept
+        self._pending_closure = closure
+        self.updates += 1
+        self._mark_stepped()
+        return loss
+
+    def _momentum_buffers(self, b: Any) -> Any:
+        """The bucket's momentum buffers in order: a list, None when none exists yet (or no
+        momentum), ``_GENERAL`` when only some exist or their dtype differs."""
+        group = self.param_groups[b.group_index]
+        if group["momentum"] == 0:
+            return None
+        bufs = b.cache.get("momentum_buffer")
+        if bufs is None:
+            bufs = [self.base_optimizer.state[p].get("momentum_buffer") for p in b.params]
+            bufs = [None if t is None else local(t) for t in bufs]
+            b.cache["momentum_buffer"] = bufs
+        present = [t is not None for t in bufs]
+        if not any(present):
+            return None
+        if not all(present) or any(t.dtype != x.dtype for t, x in zip(bufs, b.tensors)):
+            return _GENERAL
+        return bufs
+
+    def _y_options(self, group: dict, no_buffer: bool) -> dict[str, Any]:
+        options = base_step.sgd_options(group)
+        if self.variant == "code" and (no_buffer or options["momentum"] == 0):
+            options["weight_decay"] = 0.0  # the script's y while no buffer exists
+        return options
+
+    @staticmethod
+    def _ys(b: Any) -> list[Tensor]:
+        ys = b.cache.get("y")
+        if ys is None:
+            ys = b.cache["y"] = [torch.empty_like(t, memory_format=torch.preserve_format)
+                                 for t in b.tensors]
+        return ys
+
+    def _evaluate_on(self, current: Any, closure: Closure) -> tuple[Any, list[list[Any]]]:
+        """Zero the gradients, run ``closure``, and take its gradients per bucket."""
+        params = current.params
+        for p in params:
+            p.grad = None
+        loss = self._evaluate(closure)
+        grads = [b.grads() for b in current.buckets]
+        for p in params:
+            p.grad = None
+        for b, gs in zip(current.buckets, grads):
+            if not plan.complete(gs):
+                plan.check_grads(gs, b.params)
+        return loss, grads
 
     def _require_pending(self) -> Closure:
         if self._pending_closure is None:
@@ -394,12 +550,14 @@ class SAMPa(SharpnessOptimizer):
     # -- checkpoints --------------------------------------------------------------------------
 
     def _extra_state(self) -> dict[str, Any]:
+        self._spill_grads_y()
         index = self._param_index()
         grads_y = {index[id(p)]: self.state[p]["grad_y"].clone()
                    for g in self.param_groups for p in g["params"] if "grad_y" in self.state[p]}
         return {"grad_y": grads_y, "updates": self.updates}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._step_state.grads_y = None
         params = self._params_by_index()
         for p in params:
             self.state[p].pop("grad_y", None)
@@ -419,6 +577,26 @@ def _step_without_hooks(opt: Optimizer) -> None:
         opt.step()
     else:
         raw(opt)
+
+
+_GENERAL = object()  # "the general path serves this call"
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
+def _dtensor_grads_of(current: Any, grads: list[list[Tensor]]) -> list[Tensor]:
+    """DTensors whose shard groups complete the sum (the parameters: same mesh and
+    placements as their gradients); empty when nothing is sharded."""
+    return current.params if current.dtensor else []
+
+
+def _zeros_for_missing(grads: list[Tensor | None], like: list[Tensor]) -> list[Tensor]:
+    """A parameter without a gradient in an evaluation counts as a zero gradient there."""
+    if plan.complete(grads):
+        return grads  # type: ignore[return-value]
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 
 def _require_some(grads: dict[Tensor, Tensor], what: str) -> None:

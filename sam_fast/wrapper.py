@@ -79,7 +79,7 @@ class StepState:
     """What changes from step to step: the plan of the current layout, and the
     perturbation in flight (shared by every copy of the optimizer's ``__dict__``)."""
 
-    __slots__ = ("plan", "perturbed", "sumsq", "norm")
+    __slots__ = ("plan", "perturbed", "sumsq", "norm", "grads_y")
 
     def __init__(self) -> None:
         self.plan: plan.Plan | None = None
@@ -88,6 +88,8 @@ class StepState:
         self.perturbed: list[list[int] | None] | None = None
         self.sumsq: Tensor | None = None
         self.norm: Tensor | None = None
+        # SAMPa's g_y per bucket of the plan, while its fast path holds it.
+        self.grads_y: list[list[Tensor]] | None = None
 
 
 class SharpnessOptimizer(Optimizer):
@@ -241,6 +243,10 @@ class SharpnessOptimizer(Optimizer):
     def _adaptive_eta(self, group: dict) -> float | None:
         return None
 
+    def _leave_plan(self, old: plan.Plan) -> None:
+        """Called before a new plan replaces ``old``: move anything kept per bucket to
+        per-parameter state."""
+
     def _current_plan(self) -> plan.Plan:
         """The plan of the current layout (built when the layout changed)."""
         current = self._step_state.plan
@@ -252,6 +258,7 @@ class SharpnessOptimizer(Optimizer):
         if current is not None:
             if plan.layout_key(groups, self.base_optimizer.state, current.params) == current.key:
                 return current
+            self._leave_plan(current)
         self._fill_group_keys()
         for group in groups:
             _check_rho(group["rho"])
