@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import base_step, ops, plan
-from .wrapper import SharpnessOptimizer, _eager, split_eps
+from .wrapper import SharpnessOptimizer, _eager, check_group_options, split_eps
 
 
 class SAM(SharpnessOptimizer):
@@ -127,6 +127,8 @@ class SAM(SharpnessOptimizer):
             )
         grad_scale = _scale_of(grad_scaler, self)
         current = self._current_plan()
+        for group in self.param_groups:  # options may change between steps (schedules)
+            check_group_options(group)
         grads = [b.grads() for b in current.buckets]
         if all(map(plan.complete, grads)):
             sumsq = plan.total_sumsq(current, grads, _dtensor_grads(current, grads))

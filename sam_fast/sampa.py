@@ -18,7 +18,7 @@ from torch.optim.optimizer import Optimizer
 from . import base_step, ops, plan
 from .distributed import local
 from .distributed import TwoSidedExchange
-from .wrapper import SharpnessOptimizer, _eager, split_eps
+from .wrapper import SharpnessOptimizer, _eager, check_group_options, split_eps
 
 Closure = Callable[[], Any]
 
@@ -223,6 +223,8 @@ class SAMPa(SharpnessOptimizer):
                    for g in self.param_groups):
             return _GENERAL
         current = self._current_plan()
+        for group in self.param_groups:
+            check_group_options(group)
         buffers = [self._momentum_buffers(b) for b in current.buckets]
         if any(bufs is _GENERAL for bufs in buffers):
             return _GENERAL

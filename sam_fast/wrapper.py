@@ -61,6 +61,14 @@ def _check_rho(rho: Any) -> None:
         raise ValueError(f"Invalid rho: {rho!r} (must be a finite float >= 0)")
 
 
+def check_group_options(group: dict) -> None:
+    """The wrapper's per-group options, checked before a step writes anything."""
+    _check_rho(group["rho"])
+    eps = group["perturb_eps"]
+    if isinstance(eps, Tensor) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"Invalid perturb_eps: {eps!r} (must be a float >= 0)")
+
+
 def _check_base_step(base: Optimizer) -> None:
     """Refuse a base optimizer whose ``step`` needs a closure (``torch.optim.LBFGS``): SAM
     calls ``step()`` without one, which would fail only after the weights were perturbed."""

@@ -231,6 +231,21 @@ def test_an_error_in_a_later_group_touches_no_weight(backend):
     assert all(torch.equal(p, w) for p, w in zip(after, before))
 
 
+@pytest.mark.parametrize("bad_rho", [float("nan"), "0.05", torch.tensor(0.05)])
+def test_a_bad_option_in_a_later_group_touches_no_weight(backend, bad_rho):
+    first, second = nn.Linear(3, 2), nn.Linear(2, 1)
+    opt = SAM([{"params": first.parameters()}, {"params": second.parameters()}],
+              torch.optim.SGD, lr=0.1, backend=backend)
+    opt.param_groups[1]["rho"] = bad_rho  # e.g. a schedule gone wrong
+    second(first(torch.randn(4, 3))).sum().backward()
+    before = [p.detach().clone() for p in list(first.parameters()) + list(second.parameters())]
+    with pytest.raises(ValueError, match="rho"):
+        opt.first_step()
+    after = list(first.parameters()) + list(second.parameters())
+    assert all(torch.equal(p, w) for p, w in zip(after, before))
+    assert not opt._perturbed
+
+
 # -- 7. copies keep working ----------------------------------------------------------------------
 
 
