@@ -109,10 +109,13 @@ def group_layout(groups: Sequence[dict]) -> tuple:
     return tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
 
 
-def layout_key(groups: list[dict], state: Any, params: Sequence[Tensor] | None) -> tuple:
-    """What a plan is valid for; ``params`` is the flat parameter list of the plan to check
-    (None when there is no plan yet)."""
-    addresses = tuple(map(_address, params)) if params is not None else None
+def layout_key(groups: list[dict], state: Any, params: Sequence[Tensor],
+               dtensor: bool = True) -> tuple:
+    """What a plan over ``params`` (the flat parameter list of ``groups``) is valid for.
+
+    ``dtensor=False`` (the plan has no DTensor) reads the addresses with one C-level
+    map; DTensors stand for their local shards."""
+    addresses = tuple(map(_address if dtensor else _data_ptr, params))
     return (id(groups), id(state), group_layout(groups), addresses)
 
 

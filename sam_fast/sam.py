@@ -64,7 +64,8 @@ class SAM(SharpnessOptimizer):
         perturb_eps = split_eps(base_optimizer, kwargs, default=1e-12)
         if not eta >= 0.0:
             raise ValueError(f"Invalid eta, should be non-negative: {eta}")
-        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, perturb_eps=perturb_eps)
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize,
+                        perturb_eps=perturb_eps)
         super().__init__(params, base_optimizer, defaults, kwargs, backend)
 
     _PLAN_OPS = ("perturb_", "restore_", "restore_sgd_", "restore_adamw_")

@@ -264,7 +264,9 @@ class SharpnessOptimizer(Optimizer):
                 "the optimizer's param_groups are no longer the base optimizer's; assign "
                 "groups through opt.param_groups of both, or use add_param_group()")
         if current is not None:
-            if plan.layout_key(groups, self.base_optimizer.state, current.params) == current.key:
+            # the groups' current parameters: an element replaced in place is a new layout
+            if plan.layout_key(groups, self.base_optimizer.state, plan.flat_params(groups),
+                               current.dtensor) == current.key:
                 return current
             self._leave_plan(current)
         self._fill_group_keys()

@@ -154,7 +154,8 @@ def test_ops_accept_non_contiguous_tensors(gen):
     assert not param.is_contiguous()
     before = param.clone()
     backup = torch.empty_like(param)
-    ops.perturb_([param], [grad], [backup], torch.tensor(1.0), rho=0.5, normalize=False, backend="torch")
+    ops.perturb_([param], [grad], [backup], torch.tensor(1.0),
+                 rho=0.5, normalize=False, backend="torch")
     _close(param, before.double() + 0.5 * grad.double(), torch.float32, scale=2.0)
     ops.restore_([param], [backup], backend="torch")
     assert torch.equal(param, before)
@@ -171,7 +172,8 @@ def test_thousands_of_tensors_in_one_call(gen):
     grads = _rand(shapes, torch.float32, gen)
     originals = [p.clone() for p in params]
     backups = [torch.empty_like(p) for p in params]
-    ops.perturb_(params, grads, backups, torch.tensor(1.0), rho=0.25, normalize=False, backend="torch")
+    ops.perturb_(params, grads, backups, torch.tensor(1.0),
+                 rho=0.25, normalize=False, backend="torch")
     for p, w, g in zip(params, originals, grads):
         _close(p, w.double() + 0.25 * g.double(), torch.float32, scale=2.0)
 
@@ -341,7 +343,8 @@ def test_sampa_points_and_update(dtype, options, init, gen):
 def test_mismatched_lists_are_rejected():
     a = [torch.zeros(3), torch.zeros(4)]
     with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
-        ops.perturb_(a, [torch.zeros(3)], [torch.zeros(3), torch.zeros(4)], torch.tensor(1.0), rho=1.0, normalize=False,
+        ops.perturb_(a, [torch.zeros(3)], [torch.zeros(3), torch.zeros(4)], torch.tensor(1.0),
+                     rho=1.0, normalize=False,
                      backend="torch")
     with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \(5,\)"):
         ops.perturb_(a, [torch.zeros(3), torch.zeros(5)], [torch.zeros(3), torch.zeros(4)],
@@ -352,7 +355,8 @@ def test_tensors_of_one_parameter_on_several_devices_are_rejected():
     param = torch.zeros(3)
     grad = torch.zeros(3, device="meta")
     with pytest.raises(RuntimeError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
-        ops.perturb_([param], [grad], [torch.zeros(3)], torch.tensor(1.0), rho=1.0, normalize=False, backend="torch")
+        ops.perturb_([param], [grad], [torch.zeros(3)], torch.tensor(1.0),
+                     rho=1.0, normalize=False, backend="torch")
 
 
 def test_sparse_complex_and_integer_tensors_are_rejected():
@@ -374,15 +378,18 @@ def test_validated_layouts_are_not_reused_for_other_tensors(gen):
     params = _rand([(4,), (6,)], torch.float32, gen)
     grads = _rand([(4,), (6,)], torch.float32, gen)
     backups = [torch.empty_like(p) for p in params]
-    ops.perturb_(params, grads, backups, torch.tensor(1.0), rho=0.1, normalize=False, backend="torch")
+    ops.perturb_(params, grads, backups, torch.tensor(1.0),
+                 rho=0.1, normalize=False, backend="torch")
     with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \(3, 2\)"):
-        ops.perturb_(params, [grads[0], grads[1].view(3, 2)], backups, torch.tensor(1.0), rho=0.1, normalize=False,
+        ops.perturb_(params, [grads[0], grads[1].view(3, 2)], backups, torch.tensor(1.0),
+                     rho=0.1, normalize=False,
                      backend="torch")
     # a parameter whose storage changes dtype in place (as module.to() does)
     params[1].data = params[1].data.to(torch.bfloat16)
     grads[1] = grads[1].to(torch.bfloat16)
     backups[1] = torch.empty_like(params[1])
     before = [p.clone() for p in params]
-    ops.perturb_(params, grads, backups, torch.tensor(1.0), rho=0.5, normalize=False, backend="torch")
+    ops.perturb_(params, grads, backups, torch.tensor(1.0),
+                 rho=0.5, normalize=False, backend="torch")
     assert params[1].dtype == torch.bfloat16
     _close(params[1], before[1].double() + 0.5 * grads[1].double(), torch.bfloat16, scale=2.0)
