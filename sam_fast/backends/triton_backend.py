@@ -46,14 +46,23 @@ from .torch_ops import TensorList
 
 
 def _load_kernels() -> ModuleType:
-    """``sam_fast.kernels``: installed (wheel or ``pip install -e``), or, in a source
-    checkout used without installing, the ``kernels/`` folder beside ``sam_fast/``."""
-    try:
-        return importlib.import_module("sam_fast.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "sam_fast.kernels":
-            raise
-    init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+    """``sam_fast.kernels``: in a source checkout (``pyproject.toml`` and ``kernels/``
+    beside ``sam_fast/``), the checkout's own ``kernels/``; otherwise as installed
+    (wheel or ``pip install -e``).
+
+    The checkout comes first because an editable install maps ``sam_fast.kernels``
+    to the checkout it was made from: another checkout of the project (a git
+    worktree) run against that environment would otherwise pair its own
+    ``sam_fast`` with the other checkout's kernels.
+    """
+    root = Path(__file__).resolve().parents[2]
+    init = root / "kernels" / "__init__.py"
+    if not ((root / "pyproject.toml").is_file() and init.is_file()):
+        try:
+            return importlib.import_module("sam_fast.kernels")
+        except ModuleNotFoundError as exc:
+            if exc.name != "sam_fast.kernels":
+                raise
     spec = importlib.util.spec_from_file_location(
         "sam_fast.kernels", init, submodule_search_locations=[str(init.parent)]
     )
