@@ -1011,6 +1011,105 @@ def test_int64_chunk_offsets(device, gen):
     assert abs(partial.item() - (buf[:n].double() ** 2).sum().item()) < 1e-4 * partial.item()
 
 
+# -- specialisation: which variants get compiled ------------------------------------------
+
+
+class _Signatures:
+    """Records, for every launch of every kernel, the specialisation Triton computes
+    from the arguments: the per-argument (type, specialisation) list that, with the
+    options, is its compile-cache key (``JITFunction.run``: binder, then
+    ``compute_cache_key``). It is computed here with Triton's own binder, built from
+    the kernel's signature and do_not_specialize list, in a launch hook, so it works
+    under the interpreter (which compiles nothing) and compiled alike."""
+
+    def __init__(self):
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+        K = tb.kernels
+        self.kernels = {
+            "perturb": K.perturb._perturb_kernel, "copy": K.perturb._copy_kernel,
+            "partials": K.norm._sumsq_partials_kernel, "sum": K.norm._sum_kernel,
+            "sgd": K.sgd._restore_sgd_kernel, "adam": K.adam._restore_adam_kernel,
+            "points": K.sampa._points_kernel, "update": K.sampa._update_kernel,
+        }
+        self.seen: dict[str, set] = {name: set() for name in self.kernels}
+        self._hooks = {}
+        for name, k in self.kernels.items():
+            jit = k if isinstance(k, JITFunction) else JITFunction(k.fn, **k.kwargs)
+            binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+
+            def hook(*args, _binder=binder, _name=name, **kwargs):
+                spec = _binder(*args, **kwargs)[1]
+                self.seen[_name].add(tuple((kind, repr(value)) for kind, value in spec))
+
+            self._hooks[name] = hook
+
+    def __enter__(self):
+        for name, k in self.kernels.items():
+            k.add_pre_run_hook(self._hooks[name])
+        return self
+
+    def __exit__(self, *exc):
+        for name, k in self.kernels.items():
+            k.pre_run_hooks.remove(self._hooks[name])
+
+
+def _every_op(device, shapes, hp, gen):
+    """One call of every op on ``shapes`` with the hyperparameters ``hp``, as given
+    (Python ints stay ints: the backend is called directly, not through ops.py)."""
+    x = _rand(shapes, torch.float32, gen, device)
+    g = _rand(shapes, torch.float32, gen, device)
+    b, y = [torch.empty_like(t) for t in x], [torch.empty_like(t) for t in x]
+    bufs = _rand(shapes, torch.float32, gen, device)
+    sgd = dict(lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
+               weight_decay=hp["weight_decay"])
+    sumsq = tb.grad_sumsq(g)
+    tb.grad_sumsq(g, x, hp["eta"])
+    for normalize in (True, False):
+        tb.perturb_(x, g, b, sumsq, rho=hp["rho"], eps=hp["eps"], normalize=normalize,
+                    eta=hp["eta"])
+    tb.restore_(x, b)
+    tb.restore_sgd_(x, b, g, bufs, **sgd)
+    tb.restore_adamw_(x, b, g, _clones(bufs), [t.abs() for t in bufs], None,
+                      [torch.tensor(3.0) for _ in x], lr=hp["lr"], beta1=0.9, beta2=0.999,
+                      eps=hp["eps"], weight_decay=hp["weight_decay"])
+    tb.sampa_points_(x, g, bufs, b, y, sumsq, rho=hp["rho"], eps=hp["eps"], **sgd)
+    tb.sampa_update_(x, b, g, g, bufs, lam=hp["lam"], **sgd)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_variants_do_not_depend_on_int_hyperparameters_or_block_counts(device, gen):
+    """torch.optim's defaults are Python ints (weight_decay=0, momentum=0, ...): passed
+    on as they are they would reach Triton as i32 arguments, which it specialises
+    (== 1 becomes a compile-time constant, a multiple of 16 another variant); block
+    counts and lengths would do the same. The launchers pass floats and nothing at
+    run time is specialised, so the variants (the cache keys) are the same for ints
+    and floats, for 1, 16 or 17 blocks, and every runtime argument is unspecialised."""
+    ints = [dict(lr=1, momentum=0, dampening=0, weight_decay=0, rho=1, eps=0, eta=0, lam=0),
+            dict(lr=16, momentum=1, dampening=0, weight_decay=1, rho=16, eps=1, eta=1, lam=1)]
+    runs = {}
+    for blocks in (1, 16, 17):
+        for k, hp in enumerate(ints):
+            for kind in ("int", "float"):
+                values = hp if kind == "int" else {n: float(v) for n, v in hp.items()}
+                with _Signatures() as signatures:
+                    _every_op(device, [(3,)] * blocks, values, gen)
+                runs[(blocks, k, kind)] = signatures.seen
+    first = runs[(1, 0, "float")]
+    assert all(first.values()), "every kernel was launched"
+    for key, seen in runs.items():
+        if key[1] == 0:
+            assert seen == first, f"{key}: other variants than {(1, 0, 'float')}"
+    # The second set turns momentum / weight decay on: other flags, same rule.
+    assert runs[(1, 1, "int")] == runs[(17, 1, "float")] == runs[(16, 1, "int")]
+    for seen in runs.values():
+        for spec in set().union(*seen.values()):
+            for kind, value in spec:
+                if kind != "constexpr":
+                    assert value == "None", f"a specialised runtime argument: {spec}"
+                    assert not kind.startswith("i") or kind == "i32", spec
+
+
 # -- registration and compilation ----------------------------------------------------------
 
 
