@@ -1,10 +1,10 @@
 """Triton kernels of sam_fast's ``triton`` backend (shipped as ``sam_fast.kernels``).
 
 One module per kernel family; each exposes a host-side launcher that takes a
-:class:`~.tables.Table` (the pointer table and block map of one tensor group)
+:class:`~.tables.Table` (the block map and address rows of one tensor group)
 and the op's scalars:
 
-- :mod:`.tables`: table layout, layout checks, the fingerprint-keyed cache;
+- :mod:`.tables`: block maps and address rows, layout checks, their byte-bounded cache;
 - :mod:`.common`: device helpers shared by the kernels;
 - :mod:`.norm`: deterministic sum of squares (SAM and ASAM norms);
 - :mod:`.perturb`: ``w <- w + e`` with backup, and the bit-exact restore;

@@ -14,11 +14,10 @@ fp32. The bias corrections come from one of two places, as in PyTorch:
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, operand, pow_int, to_storage
+from .common import chunk_of, device_fn, kernel, operand, pow_int, to_storage
 from .tables import BLOCK, CHUNK, LAUNCH, Table
 
 
@@ -79,23 +78,24 @@ def _adam_block(p, b, g, m, v, vmax, offs, mask, keep, inv_scale, beta2, lerp_w,
     tl.store(p + offs, new_x, mask=mask)
 
 
-@triton.jit(do_not_specialize=["B", "T"])
-def _restore_adam_kernel(meta, B, T, grad_scale, found_inf, beta1, beta2, lerp_w, one_minus_beta2,
+@kernel
+def _restore_adam_kernel(blocks, B, p_row, b_row, g_row, m_row, v_row, vmax_row, step_row,
+                         grad_scale, found_inf, beta1, beta2, lerp_w, one_minus_beta2,
                          eps, weight_decay, decay, neg_lr, host_step_size, host_bc2_sqrt,
                          DT: tl.constexpr, STEP_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
                          HAS_INF: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
                          AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr,
                          DEVICE_STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                          CHUNK: tl.constexpr):
-    t, start, rem = chunk_of(meta, B, CHUNK)
-    p = operand(meta, B, T, t, start, 0, DT, ALIGNED)
-    b = operand(meta, B, T, t, start, 1, DT, ALIGNED)
-    g = operand(meta, B, T, t, start, 2, DT, ALIGNED)
-    m = operand(meta, B, T, t, start, 3, DT, ALIGNED)
-    v = operand(meta, B, T, t, start, 4, DT, ALIGNED)
+    t, start, rem = chunk_of(blocks, B, CHUNK)
+    p = operand(p_row, t, start, DT, ALIGNED)
+    b = operand(b_row, t, start, DT, ALIGNED)
+    g = operand(g_row, t, start, DT, ALIGNED)
+    m = operand(m_row, t, start, DT, ALIGNED)
+    v = operand(v_row, t, start, DT, ALIGNED)
     vmax = v
     if AMSGRAD:
-        vmax = operand(meta, B, T, t, start, 5, DT, ALIGNED)
+        vmax = operand(vmax_row, t, start, DT, ALIGNED)
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = tl.math.div_rn(1.0, tl.load(grad_scale).to(tl.float32))
@@ -103,8 +103,8 @@ def _restore_adam_kernel(meta, B, T, grad_scale, found_inf, beta1, beta2, lerp_w
     if HAS_INF:
         keep = tl.load(found_inf) == 0
     if DEVICE_STEPS:
-        # This tensor's counter (already advanced for this step), the last table row.
-        counter = operand(meta, B, T, t, 0, 5 + AMSGRAD, STEP_DT, False)
+        # This tensor's counter (already advanced for this step), from its own row.
+        counter = operand(step_row, t, 0, STEP_DT, False)
         n = tl.load(counter).to(tl.int64)
         bc1 = 1.0 - pow_int(beta1, n).to(tl.float32)
         bc2_sqrt = tl.sqrt_rn(1.0 - pow_int(beta2, n).to(tl.float32))
@@ -136,16 +136,23 @@ def restore_adam(table: Table, dtype: tl.dtype, *, lr: float, beta1: float, beta
     dtype), already advanced for this step. None: the host's ``host_step_size``
     (``-lr / (1 - beta1^t)``) and ``host_bc2_sqrt`` (``sqrt(1 - beta2^t)``) apply.
     """
-    dummy = table.meta  # stands in for absent device scalars; never read
+    rows = table.rows
+    vmax_row = rows[5] if amsgrad else rows[0]  # never read without AMSGRAD
+    step_row = rows[-1] if step_dtype is not None else rows[0]  # nor without DEVICE_STEPS
+    dummy = table.blocks  # stands in for absent device scalars; never read
+    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
+    weight_decay = float(weight_decay)
     lerp_w = 1.0 - beta1
     _restore_adam_kernel[(table.n_blocks,)](
-        table.meta, table.n_blocks, table.n_tensors,
-        dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
-        beta1, beta2, lerp_w, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, -lr,
-        host_step_size, host_bc2_sqrt,
+        table.blocks, table.n_blocks, rows[0], rows[1], rows[2], rows[3], rows[4], vmax_row,
+        step_row, dummy if grad_scale is None else grad_scale,
+        dummy if found_inf is None else found_inf,
+        beta1, beta2, lerp_w, 1.0 - beta2, float(eps), weight_decay, 1.0 - lr * weight_decay,
+        -lr, float(host_step_size), float(host_bc2_sqrt),
         DT=dtype, STEP_DT=step_dtype if step_dtype is not None else dtype,
         HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-        HAS_WD=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad,
-        MAXIMIZE=maximize, LERP_SMALL=abs(lerp_w) < 0.5, DEVICE_STEPS=step_dtype is not None,
-        ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
+        HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
+        MAXIMIZE=bool(maximize), LERP_SMALL=abs(lerp_w) < 0.5,
+        DEVICE_STEPS=step_dtype is not None, ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
+        **LAUNCH,
     )

@@ -1,8 +1,10 @@
 """Device-side helpers shared by every kernel: finding a program's chunk through the
-table of :mod:`.tables`, typed operand pointers, and rounding to the storage dtype."""
+block map of :mod:`.tables`, typed operand pointers from address rows, rounding to
+the storage dtype, and the specialisation policy of every kernel's arguments."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,27 +36,50 @@ def device_fn(fn: F) -> F:
     return fn if _interpreting() else triton.jit(fn)
 
 
+def runtime_args(fn: Callable) -> list[str]:
+    """The names of ``fn``'s arguments that are not ``tl.constexpr``."""
+    return [name for name, p in inspect.signature(fn).parameters.items()
+            if "constexpr" not in str(p.annotation)]
+
+
+def kernel(fn: F) -> F:
+    """``@triton.jit`` for a launched kernel, with no runtime argument specialised.
+
+    Triton compiles a separate variant for an integer argument equal to 1 (made
+    a constant) or divisible by 16, and for a pointer divisible by 16. For these
+    kernels that buys nothing (block counts and lengths only bound loops;
+    pointer arguments are tables and device scalars, read with scalar loads:
+    the operands' alignment is the ALIGNED flag, decided per call), and costs a
+    compilation whenever a count first crosses one of those values, possibly
+    inside a CUDA graph capture. So only the constexpr flags choose variants;
+    the launchers pass every float hyperparameter as a Python float (Python
+    ints would arrive as i32, another variant).
+    """
+    return triton.jit(fn, do_not_specialize=runtime_args(fn))
+
+
 @device_fn
-def chunk_of(meta, B, CHUNK: tl.constexpr):
-    """(tensor index, chunk start, elements in the chunk) of this program.
+def chunk_of(blocks, B, CHUNK: tl.constexpr):
+    """(tensor index, chunk start, elements in the chunk) of this program, from the
+    block map (see :mod:`.tables`): three independent loads.
 
     The start is int64 (tensors may exceed 2^31 elements); the count is at most
     CHUNK, so int32 indexing within the chunk is safe.
     """
     pid = tl.program_id(0)
-    t = tl.load(meta + pid)
+    t = tl.load(blocks + pid)
     # A multiple of CHUNK, said where it is loaded (a hint on a helper's
     # argument would be lost) so that aligned operands stay provably aligned.
-    start = tl.multiple_of(tl.load(meta + B + pid), CHUNK)
-    n = tl.load(meta + 2 * B + t)
-    rem = tl.minimum(n - start, CHUNK).to(tl.int32)
+    start = tl.multiple_of(tl.load(blocks + B + pid), CHUNK)
+    rem = tl.load(blocks + 2 * B + pid).to(tl.int32)
     return t, start, rem
 
 
 @device_fn
-def operand(meta, B, T, t, start, J: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointer (element type DT) to this chunk of operand J of tensor t."""
-    ptr = tl.load(meta + 2 * B + T + J * T + t).to(tl.pointer_type(DT))
+def operand(row, t, start, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer (element type DT) to this chunk of tensor t of the operand whose
+    address row is ``row``."""
+    ptr = tl.load(row + t).to(tl.pointer_type(DT))
     if ALIGNED:
         # The host saw every address 16-byte aligned, and chunk starts are
         # multiples of CHUNK elements: saying so lets the compiler emit 16-byte

@@ -10,11 +10,10 @@ reports it (the optimizer then zeroes the perturbation scale on the device).
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, load_or_zero, operand
+from .common import chunk_of, device_fn, kernel, load_or_zero, operand
 from .tables import BLOCK, CHUNK, LAUNCH, Table
 
 
@@ -28,14 +27,15 @@ def _sumsq_block(g, w, offs, mask, eta, ASAM: tl.constexpr):
     return x * x
 
 
-@triton.jit(do_not_specialize=["B", "T"])
-def _sumsq_partials_kernel(meta, B, T, partials, eta, DT: tl.constexpr, ASAM: tl.constexpr,
-                           ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    t, start, rem = chunk_of(meta, B, CHUNK)
-    g = operand(meta, B, T, t, start, 0, DT, ALIGNED)
+@kernel
+def _sumsq_partials_kernel(blocks, B, g_row, w_row, partials, eta, DT: tl.constexpr,
+                           ASAM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                           CHUNK: tl.constexpr):
+    t, start, rem = chunk_of(blocks, B, CHUNK)
+    g = operand(g_row, t, start, DT, ALIGNED)
     w = g
     if ASAM:
-        w = operand(meta, B, T, t, start, 1, DT, ALIGNED)
+        w = operand(w_row, t, start, DT, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
@@ -46,7 +46,10 @@ def _sumsq_partials_kernel(meta, B, T, partials, eta, DT: tl.constexpr, ASAM: tl
     tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-@triton.jit
+# One program adds the partials in a fixed order. ``n`` (the number of blocks)
+# is not specialised (see common.kernel): a model whose block count is 1, a
+# multiple of 16 or neither compiles this pass once, not up to three times.
+@kernel
 def _sum_kernel(partials, n, out, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in tl.range(0, n, BLOCK):
@@ -58,11 +61,14 @@ def _sum_kernel(partials, n, out, BLOCK: tl.constexpr):
 def sumsq(table: Table, dtype: tl.dtype, eta: float | None) -> Tensor:
     """0-dim fp32 sum of squares over the table's operand 0 (gradients), weighted
     by ``|operand 1| + eta`` (parameters) when ``eta`` is not None."""
-    device = table.meta.device
+    device = table.blocks.device
     partials = torch.empty(table.n_blocks, dtype=torch.float32, device=device)
     out = torch.empty((), dtype=torch.float32, device=device)
+    g_row = table.rows[0]
+    w_row = table.rows[1] if eta is not None else g_row
     _sumsq_partials_kernel[(table.n_blocks,)](
-        table.meta, table.n_blocks, table.n_tensors, partials, 0.0 if eta is None else eta,
+        table.blocks, table.n_blocks, g_row, w_row, partials,
+        0.0 if eta is None else float(eta),
         DT=dtype, ASAM=eta is not None, ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
         **LAUNCH,
     )

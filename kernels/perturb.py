@@ -1,13 +1,50 @@
-"""The perturbation ``w <- w + e`` (saving ``w``) and the bit-exact restore ``w <- backup``."""
+"""The perturbation ``w <- w + e`` (saving ``w``) and the bit-exact restore ``w <- backup``.
+
+The perturbation's scale is derived on the device, in every program, from the
+global sum of squares (:func:`perturbation_scale`), so a SAM step launches no
+chain of tiny scalar ops and reads nothing on the host.
+"""
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, operand, to_storage
+from .common import chunk_of, device_fn, kernel, operand, to_storage
 from .tables import BLOCK, CHUNK, LAUNCH, Table
+
+# The largest finite fp32: |x| <= FP32_MAX is false exactly for inf and NaN.
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@device_fn
+def perturbation_scale(sumsq, grad_scale, rho, eps, NORMALIZE: tl.constexpr,
+                       HAS_SCALE: tl.constexpr):
+    """``rho / (sqrt(sumsq) + eps)`` (``rho`` when not NORMALIZE) as the torch backend's
+    ``perturbation_scale`` computes it, rounding for rounding (docs: op contract):
+    correctly rounded sqrt and reciprocal, the add kept apart from any product,
+    then the product with rho; ``grad_scale`` S (device scalar) makes it
+    ``rho / (sqrt(sumsq) + S * eps)`` or ``rho / S``. 0 when sumsq is not finite.
+    """
+    ss = tl.load(sumsq).to(tl.float32)
+    # rho and eps are fp32 arguments when compiled; under the interpreter they are
+    # Python floats, which Triton would widen to fp64 if they were tiny: round here.
+    rho_f = tl.cast(rho, tl.float32)
+    if NORMALIZE:
+        eps_term = tl.cast(eps, tl.float32)
+        if HAS_SCALE:
+            # fp32(S * eps): an fma with a zero addend is the product rounded once,
+            # and unlike a plain multiply it cannot be contracted into an fma with
+            # the add below (FMA contraction is on for these kernels; a contracted
+            # norm + S*eps would round once where PyTorch rounds twice).
+            eps_term = tl.fma(tl.load(grad_scale).to(tl.float32), eps_term, 0.0)
+        denom = tl.sqrt_rn(ss) + eps_term
+        scale = tl.math.div_rn(1.0, denom) * rho_f  # PyTorch: reciprocal, then * rho
+    elif HAS_SCALE:
+        scale = tl.math.div_rn(1.0, tl.load(grad_scale).to(tl.float32)) * rho_f
+    else:
+        scale = rho_f
+    return tl.where(tl.abs(ss) <= FP32_MAX, scale, 0.0)
 
 
 @device_fn
@@ -25,29 +62,33 @@ def _perturb_block(p, g, b, offs, mask, s, eta, DT: tl.constexpr, ASAM: tl.const
     tl.store(p + offs, to_storage(w + e, DT), mask=mask)
 
 
-@triton.jit(do_not_specialize=["B", "T"])
-def _perturb_kernel(meta, B, T, scale, eta, DT: tl.constexpr, ASAM: tl.constexpr,
-                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    t, start, rem = chunk_of(meta, B, CHUNK)
-    p = operand(meta, B, T, t, start, 0, DT, ALIGNED)
-    g = operand(meta, B, T, t, start, 1, DT, ALIGNED)
-    b = operand(meta, B, T, t, start, 2, DT, ALIGNED)
-    s = tl.load(scale).to(tl.float32)  # a device scalar: no host sync
+@kernel
+def _perturb_kernel(blocks, B, p_row, g_row, b_row, sumsq, grad_scale, rho, eps, eta,
+                    DT: tl.constexpr, ASAM: tl.constexpr, NORMALIZE: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    t, start, rem = chunk_of(blocks, B, CHUNK)
+    p = operand(p_row, t, start, DT, ALIGNED)
+    g = operand(g_row, t, start, DT, ALIGNED)
+    b = operand(b_row, t, start, DT, ALIGNED)
+    # Device scalars, read here: no host sync. A few flops per program.
+    s = perturbation_scale(sumsq, grad_scale, rho, eps, NORMALIZE, HAS_SCALE)
+    eta_f = tl.cast(eta, tl.float32)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
-        _perturb_block(p, g, b, off + tl.arange(0, BLOCK), None, s, eta, DT, ASAM)
+        _perturb_block(p, g, b, off + tl.arange(0, BLOCK), None, s, eta_f, DT, ASAM)
     if n_full < rem:
         offs = n_full + tl.arange(0, BLOCK)
-        _perturb_block(p, g, b, offs, offs < rem, s, eta, DT, ASAM)
+        _perturb_block(p, g, b, offs, offs < rem, s, eta_f, DT, ASAM)
 
 
-@triton.jit(do_not_specialize=["B", "T"])
-def _copy_kernel(meta, B, T, BITS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                 CHUNK: tl.constexpr):
+@kernel
+def _copy_kernel(blocks, B, dst_row, src_row, BITS: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     # Integer element type of the storage width: a copy of bits, whatever they encode.
-    t, start, rem = chunk_of(meta, B, CHUNK)
-    dst = operand(meta, B, T, t, start, 0, BITS, ALIGNED)
-    src = operand(meta, B, T, t, start, 1, BITS, ALIGNED)
+    t, start, rem = chunk_of(blocks, B, CHUNK)
+    dst = operand(dst_row, t, start, BITS, ALIGNED)
+    src = operand(src_row, t, start, BITS, ALIGNED)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
         offs = off + tl.arange(0, BLOCK)
@@ -57,11 +98,17 @@ def _copy_kernel(meta, B, T, BITS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: t
         tl.store(dst + offs, tl.load(src + offs, mask=offs < rem), mask=offs < rem)
 
 
-def perturb(table: Table, dtype: tl.dtype, scale: Tensor, eta: float | None) -> None:
-    """Operands (params, grads, backups): ``backups <- w``, ``w <- w + e``."""
+def perturb(table: Table, dtype: tl.dtype, sumsq: Tensor, *, rho: float, eps: float,
+            normalize: bool, eta: float | None, grad_scale: Tensor | None) -> None:
+    """Operands (params, grads, backups): ``backups <- w``, ``w <- w + e``, the scale
+    derived in the kernel from ``sumsq`` (0-dim fp32 device tensor)."""
+    p_row, g_row, b_row = table.rows
     _perturb_kernel[(table.n_blocks,)](
-        table.meta, table.n_blocks, table.n_tensors, scale, 0.0 if eta is None else eta,
-        DT=dtype, ASAM=eta is not None, ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
+        table.blocks, table.n_blocks, p_row, g_row, b_row, sumsq,
+        sumsq if grad_scale is None else grad_scale,  # never read without HAS_SCALE
+        float(rho), float(eps), 0.0 if eta is None else float(eta),
+        DT=dtype, ASAM=eta is not None, NORMALIZE=bool(normalize),
+        HAS_SCALE=grad_scale is not None, ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
         **LAUNCH,
     )
 
@@ -69,7 +116,8 @@ def perturb(table: Table, dtype: tl.dtype, scale: Tensor, eta: float | None) -> 
 def copy(table: Table, bits: tl.dtype) -> None:
     """Operands (dst, src): ``dst <- src`` bit for bit; ``bits`` is the integer
     type of the storage width (tl.int32 for fp32, tl.int16 for bf16/fp16)."""
+    dst_row, src_row = table.rows
     _copy_kernel[(table.n_blocks,)](
-        table.meta, table.n_blocks, table.n_tensors, BITS=bits, ALIGNED=table.aligned,
+        table.blocks, table.n_blocks, dst_row, src_row, BITS=bits, ALIGNED=table.aligned,
         BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
     )

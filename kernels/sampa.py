@@ -2,18 +2,19 @@
 
 - points: from ``x`` and ``g_y``, write ``backup <- x``, ``y <- x - lr * d(x, g_y)``
   (SGD's look-ahead; the momentum buffers are read, never written) and
-  ``x~ = x + scale * g_y`` into the params, in one pass;
+  ``x~ = x + scale * g_y`` into the params, in one pass, the scale derived in
+  the kernel from the sum of squares of ``g_y`` (``perturb.perturbation_scale``);
 - update: ``x <- x - lr * d(x, (1 - lam) g~ + lam g_y)`` from the backup,
   updating the momentum buffers.
 """
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, operand, to_storage
+from .common import chunk_of, device_fn, kernel, operand, to_storage
+from .perturb import perturbation_scale
 from .sgd import sgd_direction
 from .tables import BLOCK, CHUNK, LAUNCH, Table
 
@@ -37,21 +38,23 @@ def _points_block(p, g, m, b, y, offs, mask, s, lr, momentum, one_minus_dampenin
     tl.store(p + offs, to_storage(x + e, DT), mask=mask)
 
 
-@triton.jit(do_not_specialize=["B", "T"])
-def _points_kernel(meta, B, T, scale, lr, momentum, one_minus_dampening, weight_decay,
-                   DT: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
-                   NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT: tl.constexpr,
-                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+@kernel
+def _points_kernel(blocks, B, p_row, g_row, b_row, y_row, m_row, sumsq, rho, eps, lr, momentum,
+                   one_minus_dampening, weight_decay, DT: tl.constexpr, HAS_WD: tl.constexpr,
+                   MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   INIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                   CHUNK: tl.constexpr):
     # Operands: params, grads_y, backups, ys[, momentum_buffers].
-    t, start, rem = chunk_of(meta, B, CHUNK)
-    p = operand(meta, B, T, t, start, 0, DT, ALIGNED)
-    g = operand(meta, B, T, t, start, 1, DT, ALIGNED)
-    b = operand(meta, B, T, t, start, 2, DT, ALIGNED)
-    y = operand(meta, B, T, t, start, 3, DT, ALIGNED)
+    t, start, rem = chunk_of(blocks, B, CHUNK)
+    p = operand(p_row, t, start, DT, ALIGNED)
+    g = operand(g_row, t, start, DT, ALIGNED)
+    b = operand(b_row, t, start, DT, ALIGNED)
+    y = operand(y_row, t, start, DT, ALIGNED)
     m = p
     if MOMENTUM and not INIT:
-        m = operand(meta, B, T, t, start, 4, DT, ALIGNED)
-    s = tl.load(scale).to(tl.float32)
+        m = operand(m_row, t, start, DT, ALIGNED)
+    # SAM's normalized scale without a grad scale (SAMPa has none), 0 when not finite.
+    s = perturbation_scale(sumsq, sumsq, rho, eps, True, False)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
         _points_block(p, g, m, b, y, off + tl.arange(0, BLOCK), None, s, lr, momentum,
@@ -82,20 +85,21 @@ def _update_block(p, b, gt, gy, m, offs, mask, lam, one_minus_lam, lr, momentum,
     tl.store(p + offs, to_storage(x + (-lr) * d, DT), mask=mask)
 
 
-@triton.jit(do_not_specialize=["B", "T"])
-def _update_kernel(meta, B, T, lam, one_minus_lam, lr, momentum, one_minus_dampening,
-                   weight_decay, DT: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
-                   NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT: tl.constexpr,
-                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+@kernel
+def _update_kernel(blocks, B, p_row, b_row, gt_row, gy_row, m_row, lam, one_minus_lam, lr,
+                   momentum, one_minus_dampening, weight_decay, DT: tl.constexpr,
+                   HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, INIT: tl.constexpr, ALIGNED: tl.constexpr,
+                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     # Operands: params, backups, grads_tilde, grads_y[, momentum_buffers].
-    t, start, rem = chunk_of(meta, B, CHUNK)
-    p = operand(meta, B, T, t, start, 0, DT, ALIGNED)
-    b = operand(meta, B, T, t, start, 1, DT, ALIGNED)
-    gt = operand(meta, B, T, t, start, 2, DT, ALIGNED)
-    gy = operand(meta, B, T, t, start, 3, DT, ALIGNED)
+    t, start, rem = chunk_of(blocks, B, CHUNK)
+    p = operand(p_row, t, start, DT, ALIGNED)
+    b = operand(b_row, t, start, DT, ALIGNED)
+    gt = operand(gt_row, t, start, DT, ALIGNED)
+    gy = operand(gy_row, t, start, DT, ALIGNED)
     m = p
     if MOMENTUM:
-        m = operand(meta, B, T, t, start, 4, DT, ALIGNED)
+        m = operand(m_row, t, start, DT, ALIGNED)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
         _update_block(p, b, gt, gy, m, off + tl.arange(0, BLOCK), None, lam, one_minus_lam, lr,
@@ -108,16 +112,20 @@ def _update_kernel(meta, B, T, lam, one_minus_lam, lr, momentum, one_minus_dampe
                       MAXIMIZE, INIT)
 
 
-def points(table: Table, dtype: tl.dtype, scale: Tensor, *, lr: float, momentum: float,
-           dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-           init_buffers: bool) -> None:
+def points(table: Table, dtype: tl.dtype, sumsq: Tensor, *, rho: float, eps: float, lr: float,
+           momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+           maximize: bool, init_buffers: bool) -> None:
     """Operands (params, grads_y, backups, ys[, momentum_buffers]); the buffers are
     an operand only when momentum is on and they hold history (not init_buffers)."""
+    rows = table.rows
+    reads_buffers = momentum != 0 and not init_buffers
     _points_kernel[(table.n_blocks,)](
-        table.meta, table.n_blocks, table.n_tensors, scale, lr, momentum, 1.0 - dampening,
-        weight_decay, DT=dtype, HAS_WD=weight_decay != 0, MOMENTUM=momentum != 0,
-        NESTEROV=nesterov, MAXIMIZE=maximize, INIT=init_buffers, ALIGNED=table.aligned,
-        BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
+        table.blocks, table.n_blocks, rows[0], rows[1], rows[2], rows[3],
+        rows[4] if reads_buffers else rows[0],  # never read unless MOMENTUM and not INIT
+        sumsq, float(rho), float(eps), float(lr), float(momentum), 1.0 - float(dampening),
+        float(weight_decay), DT=dtype, HAS_WD=weight_decay != 0, MOMENTUM=momentum != 0,
+        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT=bool(init_buffers),
+        ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
     )
 
 
@@ -125,9 +133,13 @@ def update(table: Table, dtype: tl.dtype, *, lam: float, lr: float, momentum: fl
            dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
            init_buffers: bool) -> None:
     """Operands (params, backups, grads_tilde, grads_y[, momentum_buffers])."""
+    rows = table.rows
+    lam = float(lam)
     _update_kernel[(table.n_blocks,)](
-        table.meta, table.n_blocks, table.n_tensors, lam, 1.0 - lam, lr, momentum,
-        1.0 - dampening, weight_decay, DT=dtype, HAS_WD=weight_decay != 0,
-        MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize, INIT=init_buffers,
+        table.blocks, table.n_blocks, rows[0], rows[1], rows[2], rows[3],
+        rows[4] if momentum != 0 else rows[0],  # never read without MOMENTUM
+        lam, 1.0 - lam, float(lr), float(momentum), 1.0 - float(dampening),
+        float(weight_decay), DT=dtype, HAS_WD=weight_decay != 0, MOMENTUM=momentum != 0,
+        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT=bool(init_buffers),
         ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
     )

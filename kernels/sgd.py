@@ -6,11 +6,10 @@ backend's ``_sgd_direction`` operation by operation, in fp32.
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, operand, to_storage
+from .common import chunk_of, device_fn, kernel, operand, to_storage
 from .tables import BLOCK, CHUNK, LAUNCH, Table
 
 
@@ -64,19 +63,20 @@ def _restore_sgd_block(p, b, g, m, offs, mask, keep, inv_scale, lr, momentum,
     tl.store(p + offs, new_x, mask=mask)
 
 
-@triton.jit(do_not_specialize=["B", "T"])
-def _restore_sgd_kernel(meta, B, T, grad_scale, found_inf, lr, momentum, one_minus_dampening,
-                        weight_decay, DT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                        HAS_INF: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
-                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT: tl.constexpr,
-                        ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    t, start, rem = chunk_of(meta, B, CHUNK)
-    p = operand(meta, B, T, t, start, 0, DT, ALIGNED)
-    b = operand(meta, B, T, t, start, 1, DT, ALIGNED)
-    g = operand(meta, B, T, t, start, 2, DT, ALIGNED)
+@kernel
+def _restore_sgd_kernel(blocks, B, p_row, b_row, g_row, m_row, grad_scale, found_inf, lr,
+                        momentum, one_minus_dampening, weight_decay, DT: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_WD: tl.constexpr,
+                        MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                        INIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    t, start, rem = chunk_of(blocks, B, CHUNK)
+    p = operand(p_row, t, start, DT, ALIGNED)
+    b = operand(b_row, t, start, DT, ALIGNED)
+    g = operand(g_row, t, start, DT, ALIGNED)
     m = p
     if MOMENTUM:
-        m = operand(meta, B, T, t, start, 3, DT, ALIGNED)
+        m = operand(m_row, t, start, DT, ALIGNED)
     # Device scalars, read here so that the step needs no host sync.
     inv_scale = 1.0
     if HAS_SCALE:
@@ -100,13 +100,15 @@ def restore_sgd(table: Table, dtype: tl.dtype, *, lr: float, momentum: float, da
                 weight_decay: float, nesterov: bool, maximize: bool, init_buffers: bool,
                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     """Operands (params, backups, grads[, momentum_buffers])."""
-    dummy = table.meta  # stands in for absent device scalars; never read
+    rows = table.rows
+    dummy = table.blocks  # stands in for absent device scalars; never read
     _restore_sgd_kernel[(table.n_blocks,)](
-        table.meta, table.n_blocks, table.n_tensors,
+        table.blocks, table.n_blocks, rows[0], rows[1], rows[2],
+        rows[3] if momentum != 0 else rows[0],  # never read without MOMENTUM
         dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
-        lr, momentum, 1.0 - dampening, weight_decay,
+        float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay),
         DT=dtype, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-        HAS_WD=weight_decay != 0, MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize,
-        INIT=init_buffers, ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
-        **LAUNCH,
+        HAS_WD=weight_decay != 0, MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
+        MAXIMIZE=bool(maximize), INIT=bool(init_buffers), ALIGNED=table.aligned, BLOCK=BLOCK,
+        CHUNK=CHUNK, **LAUNCH,
     )

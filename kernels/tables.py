@@ -1,34 +1,48 @@
-"""Pointer tables and block maps for the multi-tensor kernels, built once per tensor list and cached.
+"""Block maps and address rows for the multi-tensor kernels, and the cache that keeps them.
 
-A launch covers every tensor of one (device, dtype) group. Program ``pid``
-finds its work in one int64 device tensor, ``meta``, laid out as::
+A launch covers every tensor of one (device, dtype) group and reads two kinds
+of small int64 device tensors:
 
-    meta[0        : B      ]  tensor index of block pid          (B = number of blocks)
-    meta[B        : 2B     ]  element offset of block pid's chunk in that tensor
-    meta[2B       : 2B+T   ]  numel of tensor t                   (T = number of tensors)
-    meta[2B+T+j*T : +T     ]  address (data_ptr) of operand j of tensor t, j = 0..L-1
+- the **block map**, ``blocks``, laid out as::
 
-so one host-to-device copy uploads a table, and a kernel needs only three
-arguments for it (``meta``, ``B``, ``T``). Every tensor is cut into chunks of
-``CHUNK`` elements; a program handles one chunk, ``BLOCK`` elements per loop
-iteration. Chunk offsets are int64: a program advances its tensor's base
-pointer by the offset (a 64-bit scalar add) and then indexes within the chunk
-with int32, so tensors of more than 2^31 elements need no int64 vector math.
+      blocks[0  : B ]  tensor index of block pid              (B = number of blocks)
+      blocks[B  : 2B]  element offset of block pid's chunk     (a multiple of CHUNK)
+      blocks[2B : 3B]  elements in block pid's chunk           (at most CHUNK)
 
-Tables depend only on the addresses, sizes, strides and dtypes of the tensors
-(:func:`fingerprint`), never on values, so they are cached under that
-fingerprint (:class:`TableCache`). A new address (gradients re-allocated by
-``zero_grad(set_to_none=True)``, ``load_state_dict``, ``.to()``) is a
-different fingerprint, hence a new table: a cached table is never used for
-tensors it was not built from.
+  It depends on the tensors' sizes alone, so it is cached under the tuple of
+  numels (and the device): parameters keep their sizes for the whole run, so
+  it is built once.
+- one **address row** per operand list: ``row[t]`` is the ``data_ptr`` of
+  tensor ``t`` of that list. A row is cached under that list's addresses.
+  Parameters, backups and optimizer state keep their storage from step to
+  step and hit; gradients are usually re-allocated by every backward, so
+  their row is new (a miss, one small upload) about once per step.
+
+A kernel takes ``(blocks, B, row_0, ..., row_{L-1}, scalars...)``. Every
+tensor is cut into chunks of ``CHUNK`` elements; a program handles one chunk,
+``BLOCK`` elements per loop iteration. Chunk offsets are int64: a program
+advances its operand's base pointer by the offset (a 64-bit scalar add) and
+then indexes within the chunk with int32, so tensors of more than 2^31
+elements need no int64 vector math.
+
+Uploads never wait for the GPU: CUDA uploads go from pinned host memory with
+``non_blocking=True``, which is also how they work inside CUDA graph capture
+(the captured memcpy node reads the same pinned buffer at every replay).
+
+Capture rules (see :class:`TableCache`): anything looked up or built while
+the current stream is capturing is *captured*: it is never evicted or freed
+(the graph holds its device address), and a pinned buffer a captured upload
+reads is kept alive and never reused. Nothing is ever built from tensor
+values, so a hit is always valid: the key is all the content.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,18 +53,26 @@ from torch import Tensor
 # keeps the grid at ~60 programs per million parameters, enough to fill a
 # 132-SM H100 several times over for models above ~10M parameters while
 # keeping the per-program table lookups negligible; small tensors finish after
-# their first iteration (the loop bound is the tensor's remaining size).
+# their first iteration (the loop bound is the chunk's size).
 BLOCK = 1024
 CHUNK = 16 * BLOCK
 NUM_WARPS = 4
 
 # Options of every launch. FMA contraction is Triton 3.9's default (3.10 turns
 # it off) and is kept explicitly: PyTorch's own CUDA kernels are built with
-# nvcc's default --fmad=true, so this stays closest to them.
+# nvcc's default --fmad=true, so this stays closest to them. Where the spec
+# needs an add kept apart from a product (the perturbation scale), the kernel
+# says so itself (see perturb.scale_of).
 LAUNCH = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
 
 # Addresses 16-byte aligned let the kernels promise vector accesses to the compiler.
 ALIGNMENT = 16
+
+# The byte bound of the evictable entries of the process-wide cache: ~25000
+# address rows of a 161-tensor model (1288 bytes each), or the block map of a
+# ~20-billion parameter one (24 bytes per 16K-element chunk). Captured entries
+# are outside the bound (they cannot be freed).
+DEFAULT_CAPACITY_BYTES = 32 << 20
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
@@ -59,15 +81,32 @@ _is_contiguous = Tensor.is_contiguous
 _dtype = attrgetter("dtype")
 
 
-@dataclass(frozen=True)
-class Table:
-    """A device-resident block map and pointer table over ``n_tensors`` tensors."""
+@dataclass(frozen=True, eq=False)
+class BlockMap:
+    """A device-resident block map over ``n_blocks`` chunks (layout: module docstring)."""
 
-    meta: Tensor
+    tensor: Tensor
     n_blocks: int
-    n_tensors: int
+
+
+@dataclass(frozen=True, eq=False)
+class Row:
+    """A device-resident row of addresses, one per tensor of an operand list."""
+
+    tensor: Tensor
     aligned: bool
     """Every address is a multiple of :data:`ALIGNMENT` bytes."""
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """What one launch reads: the block map and one address row per operand."""
+
+    blocks: Tensor
+    n_blocks: int
+    rows: tuple[Tensor, ...]
+    aligned: bool
+    """Every address of the elementwise operands is :data:`ALIGNMENT`-byte aligned."""
 
 
 def block_map(numels: Sequence[int], chunk: int = CHUNK) -> tuple[list[int], list[int]]:
@@ -84,55 +123,94 @@ def block_map(numels: Sequence[int], chunk: int = CHUNK) -> tuple[list[int], lis
     return index, starts
 
 
-def build_table(lists: Sequence[Sequence[Tensor]], device: torch.device, chunk: int = CHUNK
-                ) -> Table | None:
-    """The table over the parallel ``lists`` (operand j of tensor t is ``lists[j][t]``).
-
-    ``lists[0]`` gives the sizes; the other lists must match it element for
-    element. None when there is no element to process.
-    """
-    numels = [t.numel() for t in lists[0]]
+def block_map_values(numels: Sequence[int], chunk: int = CHUNK) -> list[int]:
+    """The content of a block map tensor: index, chunk starts, chunk sizes."""
     index, starts = block_map(numels, chunk)
-    n_blocks = len(index)
-    if n_blocks == 0:
-        return None
-    addresses = [t.data_ptr() for lst in lists for t in lst]
-    meta = torch.tensor(index + starts + numels + addresses, dtype=torch.int64)
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "sam_fast (triton backend): these tensors have no pointer table yet and one "
-                "cannot be uploaded during CUDA graph capture; run one step eagerly before "
-                "capturing (tables are cached from then on)"
-            )
-        # From pinned memory without blocking: a rebuild costs host time only,
-        # never a wait for the GPU (a pageable copy would synchronize the stream).
-        meta = meta.pin_memory().to(device, non_blocking=True)
-    elif meta.device != device:
-        meta = meta.to(device)
-    aligned = all(a % ALIGNMENT == 0 for a in addresses)
-    return Table(meta=meta, n_blocks=n_blocks, n_tensors=len(numels), aligned=aligned)
+    counts = [min(numels[t] - s, chunk) for t, s in zip(index, starts)]
+    return index + starts + counts
 
 
-def fingerprint(lists: Sequence[Sequence[Tensor]]) -> tuple:
-    """Everything a plan (its table and its layout checks) depends on.
+def capturing(device: torch.device) -> bool:
+    """Whether work issued now on ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
-    Per operand list: every tensor's address; its layout (``True`` when all
-    are contiguous, since then only the flat order matters, else every
-    tensor's strides); its dtype (one for the whole list, else each tensor's).
-    Then the sizes of the first list (the others have the same shapes).
 
-    This is the per-call host cost of a cached launch: a few C calls per
-    tensor, the summaries keeping the key cheap to hash and compare.
+# -- uploads ---------------------------------------------------------------------------------
+
+
+class CaptureStaging:
+    """Pinned host memory for uploads issued during CUDA graph capture.
+
+    A captured host-to-device copy reads its source at every replay, so that
+    memory must stay allocated and unchanged as long as the graph can be
+    replayed: slices handed out here are never handed out again, and the
+    cache entry they were uploaded for keeps them referenced. Slabs are
+    allocated outside capture when possible (:meth:`top_up`, on every eager
+    upload): allocating pinned memory during capture makes PyTorch's host
+    allocator query events, which global-mode capture forbids in some
+    PyTorch versions. If a capture needs more than the slab holds, a new slab
+    is allocated then; should that fail, the error says to warm up eagerly.
     """
-    parts: list[Hashable] = [len(lists)]
-    for lst in lists:
-        parts.append(tuple(map(_data_ptr, lst)))
-        parts.append(True if all(map(_is_contiguous, lst)) else tuple(map(_stride, lst)))
-        dtypes = frozenset(map(_dtype, lst))
-        parts.append(dtypes if len(dtypes) == 1 else tuple(map(_dtype, lst)))
-    parts.append(tuple(map(_numel, lists[0])))
-    return tuple(parts)
+
+    SLAB = 1 << 15  # int64 elements: 256 KiB, ~200 rows of a 161-tensor model
+
+    def __init__(self) -> None:
+        self._slab: Tensor | None = None
+        self._used = 0
+
+    def _alloc(self, n: int) -> Tensor:
+        return torch.empty(n, dtype=torch.int64, pin_memory=True)
+
+    def top_up(self) -> None:
+        """Outside capture: make sure at least half a slab is free. The old slab is
+        not freed while a captured entry holds a slice of it."""
+        if self._slab is None or self._used > self.SLAB // 2:
+            self._slab = self._alloc(self.SLAB)
+            self._used = 0
+
+    def take(self, n: int) -> Tensor:
+        """``n`` int64 elements of pinned memory that will never be reused."""
+        if self._slab is None or self._used + n > self._slab.numel():
+            try:
+                self._slab = self._alloc(max(self.SLAB, n))
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    "sam_fast (triton backend): a pointer table is needed during CUDA graph "
+                    "capture and no pinned staging memory could be allocated while capturing; "
+                    "run one step eagerly before capturing (tables and staging memory are "
+                    "prepared then)") from exc
+            self._used = 0
+        out = self._slab[self._used:self._used + n]
+        self._used += n + (n & 1)  # keep every slice 16-byte aligned
+        return out
+
+
+def upload(values: Sequence[int], device: torch.device, staging: CaptureStaging | None,
+           captured: bool) -> tuple[Tensor, Tensor | None]:
+    """An int64 tensor on ``device`` holding ``values``, and the host buffer that must
+    be kept alive with it (the pinned source of a captured copy), if any.
+
+    CUDA: from pinned memory with ``non_blocking=True``, never a wait for the GPU
+    (a pageable source would synchronize the stream). Outside capture the
+    pinned buffer can be dropped at once: PyTorch's host allocator records the
+    copy's event and does not reuse the block before the copy has run.
+    """
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return (host if device.type == "cpu" else host.to(device)), None
+    assert staging is not None
+    if captured:
+        pinned = staging.take(len(values))
+        pinned.copy_(host)
+    else:
+        staging.top_up()
+        pinned = host.pin_memory()
+    out = torch.empty(len(values), dtype=torch.int64, device=device)
+    out.copy_(pinned, non_blocking=True)
+    return out, (pinned if captured else None)
+
+
+# -- plans: which positions the kernels serve ------------------------------------------------
 
 
 def dense_strides(t: Tensor) -> tuple[int, ...] | None:
@@ -155,23 +233,36 @@ def dense_strides(t: Tensor) -> tuple[int, ...] | None:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one call's positions are served: the kernels take ``kernel`` (through
-    ``table``), the torch backend takes ``other`` (tensors the kernels cannot
-    address as one dense run: see :func:`dense_strides`, or a dtype that differs
-    from the group's)."""
+    """How one call's positions are served: the kernels take ``kernel``, the torch
+    backend takes ``other`` (tensors the kernels cannot address as one dense run:
+    see :func:`dense_strides`, or a dtype that differs from the group's).
+    ``numels`` are the sizes of the kernel positions (the block map's key)."""
 
     kernel: tuple[int, ...]
     other: tuple[int, ...]
-    table: Table | None
+    numels: tuple[int, ...]
+
+
+def layout_key(lists: Sequence[Sequence[Tensor]], numels: tuple[int, ...]) -> tuple:
+    """Everything a :class:`Plan` depends on, addresses excluded: the sizes, and per
+    list its layout (``True`` when all its tensors are contiguous, since then only
+    the flat order matters, else every tensor's strides) and its dtype (one for the
+    whole list, else each tensor's). A few C calls per tensor."""
+    parts: list[Hashable] = [numels]
+    for lst in lists:
+        parts.append(True if all(map(_is_contiguous, lst)) else tuple(map(_stride, lst)))
+        dtypes = frozenset(map(_dtype, lst))
+        parts.append(dtypes if len(dtypes) == 1 else tuple(map(_dtype, lst)))
+    return tuple(parts)
 
 
 def make_plan(lists: Sequence[Sequence[Tensor]], n_elementwise: int, dtype: torch.dtype,
-              device: torch.device, chunk: int = CHUNK) -> Plan:
-    """Split positions by whether the kernels can serve them, and build the table.
+              numels: tuple[int, ...]) -> Plan:
+    """Split positions by whether the kernels can serve them.
 
     ``lists[:n_elementwise]`` are the elementwise operands (same shape at each
     position); any further lists are per-tensor scalars whose addresses ride in
-    the table (Adam's on-device step counters).
+    rows of their own (Adam's on-device step counters).
     """
     kernel: list[int] = []
     other: list[int] = []
@@ -185,41 +276,167 @@ def make_plan(lists: Sequence[Sequence[Tensor]], n_elementwise: int, dtype: torc
             layout = dense_strides(lead)
             ok = layout is not None and all(dense_strides(t) == layout for t in tensors)
         (kernel if ok else other).append(i)
-    table = None
-    if kernel:
-        table = build_table([[lst[i] for i in kernel] for lst in lists], device, chunk)
-    return Plan(kernel=tuple(kernel), other=tuple(other), table=table)
+    return Plan(kernel=tuple(kernel), other=tuple(other),
+                numels=tuple(numels[i] for i in kernel))
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+
+class _Entry:
+    __slots__ = ("value", "nbytes", "keep")
+
+    def __init__(self, value: Any, nbytes: int, keep: Tensor | None) -> None:
+        self.value = value
+        self.nbytes = nbytes
+        self.keep = keep  # the pinned source of a captured upload, kept alive with it
 
 
 class TableCache:
-    """A bounded LRU map from a fingerprint to what was built from it.
+    """Block maps and address rows, bounded in bytes, with captured entries kept.
 
-    Entries are immutable and keyed by every address they contain, so a hit is
-    always valid; the bound only limits the memory kept for address sets that
-    will not come back (old gradients, a model moved to another device).
+    - Block maps are keyed by (device, numels), rows by (device, addresses): a
+      hit is always valid, since the key is the whole content.
+    - Evictable entries are kept in LRU order and evicted once their device
+      bytes exceed ``capacity_bytes``. Evicting during eager execution is safe:
+      a kernel already launched with an evicted tensor runs before any later
+      allocation on that stream can reuse its memory.
+    - An entry looked up or built while the current stream is capturing a CUDA
+      graph becomes *captured*: the graph's kernels hold its device address
+      (and a captured upload's memcpy its pinned source), and no library can
+      learn when a graph is destroyed, so it is never evicted and never freed
+      by :meth:`clear` unless asked (``captured=True``: only once no graph that
+      used the cache can be replayed). ``captured_bytes`` says what this holds:
+      a few KiB per captured step (the gradients' rows).
+    - Plans (which positions the kernels serve) are host objects without device
+      memory, kept in a count-bounded LRU of their own.
     """
 
-    def __init__(self, capacity: int = 128) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[Hashable, object] = OrderedDict()
+    def __init__(self, capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
+                 plan_capacity: int = 256) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.plan_capacity = plan_capacity
+        self._lru: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._captured: dict[Hashable, _Entry] = {}
+        self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+        self._staging: dict[torch.device, CaptureStaging] = {}
+        self.nbytes = 0
+        """Device bytes of the evictable entries (at most ``capacity_bytes`` after a call)."""
+        self.captured_bytes = 0
+        """Device bytes of the captured entries (never freed)."""
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable, build: Callable[[], object]) -> object:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
-        self.misses += 1
-        entry = build()
-        self._entries[key] = entry
-        if len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-        return entry
+    # -- lookups
 
-    def clear(self) -> None:
-        self._entries.clear()
+    def _get(self, key: Hashable, values: Any, device: torch.device, captured: bool,
+             make: Any) -> Any:
+        """The cached value under ``key``, built with ``make(tensor)`` from an upload
+        of ``values()`` on a miss; marked captured when ``captured``."""
+        entry = self._lru.get(key)
+        if entry is None:
+            entry = self._captured.get(key)
+            if entry is not None:
+                self.hits += 1
+                return entry.value
+            self.misses += 1
+            staging = None
+            if device.type == "cuda":
+                staging = self._staging.setdefault(device, CaptureStaging())
+            tensor, keep = upload(values(), device, staging, captured)
+            entry = _Entry(make(tensor), tensor.numel() * tensor.element_size(), keep)
+        else:
+            self.hits += 1
+            if not captured:
+                self._lru.move_to_end(key)
+                return entry.value
+            del self._lru[key]
+            self.nbytes -= entry.nbytes
+        if captured:
+            self._captured[key] = entry
+            self.captured_bytes += entry.nbytes
+        else:
+            self._lru[key] = entry
+            self.nbytes += entry.nbytes
+            self._evict()
+        return entry.value
+
+    def _evict(self) -> None:
+        # The newest entry stays even when it alone exceeds the bound: the
+        # caller is about to launch with it.
+        while self.nbytes > self.capacity_bytes and len(self._lru) > 1:
+            _, old = self._lru.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def block_map(self, numels: tuple[int, ...], device: torch.device, captured: bool,
+                  chunk: int = CHUNK) -> BlockMap | None:
+        """The block map over tensors of these sizes; None when there is no element."""
+        n_blocks = sum(-(-n // chunk) for n in numels)
+        if n_blocks == 0:
+            return None
+        return self._get(("blocks", device, chunk, numels),
+                         lambda: block_map_values(numels, chunk), device, captured,
+                         lambda tensor: BlockMap(tensor, n_blocks))
+
+    def row(self, addresses: tuple[int, ...], device: torch.device, captured: bool) -> Row:
+        """The address row holding ``addresses``."""
+        return self._get(("row", device, addresses), lambda: addresses, device, captured,
+                         lambda tensor: Row(tensor, all(a % ALIGNMENT == 0 for a in addresses)))
+
+    def plan(self, lists: Sequence[Sequence[Tensor]], n_elementwise: int, dtype: torch.dtype,
+             device: torch.device) -> Plan:
+        """The cached :class:`Plan` for these lists (keyed by sizes, layouts, dtypes)."""
+        numels = tuple(map(_numel, lists[0]))
+        key = (device, dtype, n_elementwise, len(lists), layout_key(lists, numels))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = make_plan(lists, n_elementwise, dtype, numels)
+            self._plans[key] = plan
+            if len(self._plans) > self.plan_capacity:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def table(self, lists: Sequence[Sequence[Tensor]], n_elementwise: int | None = None
+              ) -> tuple[Plan, Table | None]:
+        """The plan of one call over the parallel ``lists`` (operand j of tensor t is
+        ``lists[j][t]``) and the table of its kernel positions (None: nothing to launch).
+
+        Per call: the plan's key, one address tuple per list and one dict lookup
+        per row and for the block map; a miss uploads only what is new.
+        """
+        lead = lists[0][0]
+        device = lead.device
+        n = len(lists) if n_elementwise is None else n_elementwise
+        plan = self.plan(lists, n, lead.dtype, device)
+        if not plan.kernel:
+            return plan, None
+        captured = capturing(device)
+        blocks = self.block_map(plan.numels, device, captured)
+        if blocks is None:
+            return plan, None
+        if plan.other:
+            rows = [self.row(tuple(_data_ptr(lst[i]) for i in plan.kernel), device, captured)
+                    for lst in lists]
+        else:
+            rows = [self.row(tuple(map(_data_ptr, lst)), device, captured) for lst in lists]
+        aligned = all(r.aligned for r in rows[:n])
+        return plan, Table(blocks=blocks.tensor, n_blocks=blocks.n_blocks,
+                           rows=tuple(r.tensor for r in rows), aligned=aligned)
+
+    # -- maintenance
+
+    def clear(self, captured: bool = False) -> None:
+        """Drop the evictable entries and the plans; with ``captured=True`` also the
+        captured entries (only safe once no CUDA graph that used them can replay)."""
+        self._lru.clear()
+        self._plans.clear()
+        self.nbytes = 0
+        if captured:
+            self._captured.clear()
+            self._staging.clear()
+            self.captured_bytes = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru) + len(self._captured)

@@ -173,6 +173,29 @@ def test_checkpoint_reload_rebuilds_the_tables(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_new_gradients_every_step_upload_only_their_rows(device):
+    """zero_grad(set_to_none=True) gives new gradient tensors at every backward (kept
+    alive here, so their addresses are all new): a SAM step then builds exactly the
+    two gradients' address rows, whatever the tensor count; the block maps and the
+    parameters', backups' and buffers' rows are built in the first step only."""
+    model = small_cnn(0).to(device)
+    opt = SAM(model.parameters(), torch.optim.SGD, backend="triton", **SGD_KW)
+    data = _data(device, 4)
+    _sam_steps(model, opt, data[:1])
+    kept = []
+    for batch in data[1:]:
+        misses, plans = tb.CACHE.misses, len(tb.CACHE._plans)
+        loss_of(model, batch).backward()
+        kept.append([p.grad for p in model.parameters()])
+        opt.first_step(zero_grad=True)
+        loss_of(model, batch).backward()
+        kept.append([p.grad for p in model.parameters()])
+        opt.second_step(zero_grad=True)
+        assert tb.CACHE.misses - misses == 2, "one row per backward's gradients"
+        assert len(tb.CACHE._plans) == plans, "plans depend on sizes and layouts only"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_memory_format_change_mid_run(device):
     """model.to(memory_format=channels_last) gives the conv weights new storage and
     strides while their momentum buffers keep the old layout: those positions go to

@@ -46,14 +46,23 @@ from .torch_ops import TensorList
 
 
 def _load_kernels() -> ModuleType:
-    """``sam_fast.kernels``: installed (wheel or ``pip install -e``), or, in a source
-    checkout used without installing, the ``kernels/`` folder beside ``sam_fast/``."""
-    try:
-        return importlib.import_module("sam_fast.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "sam_fast.kernels":
-            raise
-    init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+    """``sam_fast.kernels``: in a source checkout (``pyproject.toml`` and ``kernels/``
+    beside ``sam_fast/``), the checkout's own ``kernels/``; otherwise as installed
+    (wheel or ``pip install -e``).
+
+    The checkout comes first because an editable install maps ``sam_fast.kernels``
+    to the checkout it was made from: another checkout of the project (a git
+    worktree) run against that environment would otherwise pair its own
+    ``sam_fast`` with the other checkout's kernels.
+    """
+    root = Path(__file__).resolve().parents[2]
+    init = root / "kernels" / "__init__.py"
+    if not ((root / "pyproject.toml").is_file() and init.is_file()):
+        try:
+            return importlib.import_module("sam_fast.kernels")
+        except ModuleNotFoundError as exc:
+            if exc.name != "sam_fast.kernels":
+                raise
     spec = importlib.util.spec_from_file_location(
         "sam_fast.kernels", init, submodule_search_locations=[str(init.parent)]
     )
@@ -110,7 +119,7 @@ if kernels is not None:
     _BITS = {torch.float32: tl.int32, torch.bfloat16: tl.int16, torch.float16: tl.int16}
     _STEP_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
     CACHE = kernels.tables.TableCache()
-    """The process-wide cache of plans (tables), keyed by device and fingerprint."""
+    """The process-wide cache of plans, block maps and address rows (docs/triton.md)."""
 
 
 def _delegated(t: Tensor) -> bool:
@@ -119,16 +128,14 @@ def _delegated(t: Tensor) -> bool:
 
 
 def _plan(lists: Sequence[TensorList], n_elementwise: int | None = None) -> Any:
-    """The cached ``kernels.tables.Plan`` for these operand lists.
+    """``(plan, table)`` for these operand lists (``kernels.tables.TableCache.table``):
+    which positions the kernels serve, and the block map and address rows they read.
 
-    The key holds every tensor's address, so a table is never used for tensors
-    it was not built from; building happens only on a miss.
+    Cached by sizes and layouts (the plan, the block map) and by each list's
+    addresses (its row), so that re-allocated gradients cost one small upload.
     """
     assert kernels is not None
-    lead = lists[0][0]
-    n = len(lists) if n_elementwise is None else n_elementwise
-    key = (lead.device, n, kernels.tables.fingerprint(lists))
-    return CACHE.get(key, lambda: kernels.tables.make_plan(lists, n, lead.dtype, lead.device))
+    return CACHE.table(lists, n_elementwise)
 
 
 def _pick(lst: TensorList, idx: Sequence[int]) -> list[Tensor]:
@@ -168,12 +175,12 @@ def grad_sumsq(grads: TensorList, params: TensorList | None = None, eta: float =
         return torch_ops.grad_sumsq(grads, params, eta)
     assert kernels is not None
     lists = [grads] if params is None else [grads, params]
-    plan = _plan(lists)
+    plan, table = _plan(lists)
     device = grads[0].device
     total = None
-    if plan.table is not None:
+    if table is not None:
         with _guard(device):
-            total = kernels.norm.sumsq(plan.table, _TL_DTYPE[grads[0].dtype],
+            total = kernels.norm.sumsq(table, _TL_DTYPE[grads[0].dtype],
                                        None if params is None else eta)
     if plan.other:
         rest = torch_ops.grad_sumsq(_pick(grads, plan.other), _pick_opt(params, plan.other), eta)
@@ -183,24 +190,40 @@ def grad_sumsq(grads: TensorList, params: TensorList | None = None, eta: float =
     return total
 
 
-def perturb_(params: TensorList, grads: TensorList, backups: TensorList, scale: Tensor,
-             eta: float | None = None) -> None:
-    """backups <- w;  w <- w + e(w, g, scale); e is exactly 0 where scale == 0."""
+def perturb_(
+    params: TensorList,
+    grads: TensorList,
+    backups: TensorList,
+    sumsq: Tensor,
+    *,
+    rho: float,
+    eps: float,
+    normalize: bool,
+    eta: float | None = None,
+    grad_scale: Tensor | None = None,
+) -> None:
+    """backups <- w;  w <- w + e(w, g), scaled by ``torch_ops.perturbation_scale`` of
+    ``sumsq``, which the kernel derives itself (rounding for rounding); e is exactly 0
+    where that scale is 0 (``sumsq`` not finite)."""
     if len(params) == 0:
         return
-    if _delegated(params[0]):
-        return torch_ops.perturb_(params, grads, backups, scale, eta)
+    if _delegated(params[0]) or sumsq.dtype != torch.float32:
+        # fp64 groups, or a sum of squares the spec computes in another precision.
+        return torch_ops.perturb_(params, grads, backups, sumsq, rho=rho, eps=eps,
+                                  normalize=normalize, eta=eta, grad_scale=grad_scale)
     assert kernels is not None
-    plan = _plan([params, grads, backups])
+    plan, table = _plan([params, grads, backups])
     device = params[0].device
-    scale = _on(scale, device)
+    sumsq, grad_scale = _on(sumsq, device), _on_opt(grad_scale, device)
     if plan.other:
         idx = plan.other
-        torch_ops.perturb_(_pick(params, idx), _pick(grads, idx), _pick(backups, idx), scale,
-                           eta)
-    if plan.table is not None:
+        torch_ops.perturb_(_pick(params, idx), _pick(grads, idx), _pick(backups, idx), sumsq,
+                           rho=rho, eps=eps, normalize=normalize, eta=eta,
+                           grad_scale=grad_scale)
+    if table is not None:
         with _guard(device):
-            kernels.perturb.perturb(plan.table, _TL_DTYPE[params[0].dtype], scale, eta)
+            kernels.perturb.perturb(table, _TL_DTYPE[params[0].dtype], sumsq, rho=rho, eps=eps,
+                                    normalize=normalize, eta=eta, grad_scale=grad_scale)
 
 
 def restore_(params: TensorList, backups: TensorList) -> None:
@@ -210,12 +233,12 @@ def restore_(params: TensorList, backups: TensorList) -> None:
     if _delegated(params[0]):
         return torch_ops.restore_(params, backups)
     assert kernels is not None
-    plan = _plan([params, backups])
+    plan, table = _plan([params, backups])
     if plan.other:
         torch_ops.restore_(_pick(params, plan.other), _pick(backups, plan.other))
-    if plan.table is not None:
+    if table is not None:
         with _guard(params[0].device):
-            kernels.perturb.copy(plan.table, _BITS[params[0].dtype])
+            kernels.perturb.copy(table, _BITS[params[0].dtype])
 
 
 def restore_sgd_(
@@ -248,7 +271,7 @@ def restore_sgd_(
     device = params[0].device
     grad_scale, found_inf = _on_opt(grad_scale, device), _on_opt(found_inf, device)
     buffers = momentum_buffers if momentum != 0 else None
-    plan = _plan([params, backups, grads] + ([buffers] if buffers is not None else []))
+    plan, table = _plan([params, backups, grads] + ([buffers] if buffers is not None else []))
     if plan.other:
         idx = plan.other
         torch_ops.restore_sgd_(
@@ -256,10 +279,10 @@ def restore_sgd_(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, init_buffers=init_buffers,
             grad_scale=grad_scale, found_inf=found_inf)
-    if plan.table is not None:
+    if table is not None:
         with _guard(device):
             kernels.sgd.restore_sgd(
-                plan.table, _TL_DTYPE[params[0].dtype], lr=lr, momentum=momentum,
+                table, _TL_DTYPE[params[0].dtype], lr=lr, momentum=momentum,
                 dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                 maximize=maximize, init_buffers=init_buffers, grad_scale=grad_scale,
                 found_inf=found_inf)
@@ -328,11 +351,11 @@ class AdamOptions:
             found_inf=found_inf)
 
     def run_kernel(self, table: Any, dtype: Any, *, grad_scale: Tensor | None,
-               found_inf: Tensor | None, step_dtype: Any = None,
-               host_step_size: float = 0.0, host_bc2_sqrt: float = 1.0) -> None:
+                   found_inf: Tensor | None, step_dtype: Any = None,
+                   host_step_size: float = 0.0, host_bc2_sqrt: float = 1.0) -> None:
         """The fused kernel with these options (see ``kernels.adam.restore_adam``)."""
         assert kernels is not None
-        with _guard(table.meta.device):
+        with _guard(table.blocks.device):
             kernels.adam.restore_adam(
                 table, dtype, lr=self.lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                 weight_decay=self.weight_decay, amsgrad=self.amsgrad, maximize=self.maximize,
@@ -373,14 +396,14 @@ def _restore_adam(params: TensorList, backups: TensorList, grads: TensorList,
         lists.append(vmax)
     n_elementwise = len(lists)
     if steps_on_device:
-        lists.append(state_steps)  # the counters' addresses ride as the last table row
-    plan = _plan(lists, n_elementwise)
+        lists.append(state_steps)  # the counters' addresses: a row of their own, the last
+    plan, kernel_table = _plan(lists, n_elementwise)
     if plan.other:
         idx = plan.other
         options.run_torch(_pick(params, idx), _pick(backups, idx), _pick(grads, idx),
                           _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx), _pick_opt(vmax, idx),
                           _pick(state_steps, idx), grad_scale, found_inf)
-    if plan.table is None:
+    if kernel_table is None:
         return
     dtype = _TL_DTYPE[params[0].dtype]
     steps = _pick(state_steps, plan.kernel)
@@ -389,8 +412,8 @@ def _restore_adam(params: TensorList, backups: TensorList, grads: TensorList,
             torch._foreach_add_(steps, 1)
         else:
             torch._foreach_add_(steps, (found_inf == 0).to(steps[0].dtype))
-        options.run_kernel(plan.table, dtype, grad_scale=grad_scale, found_inf=found_inf,
-                       step_dtype=_STEP_DTYPE[steps[0].dtype])
+        options.run_kernel(kernel_table, dtype, grad_scale=grad_scale, found_inf=found_inf,
+                           step_dtype=_STEP_DTYPE[steps[0].dtype])
         return
     torch._foreach_add_(steps, 1)
     counts = torch.stack(steps).tolist()  # host tensors: no device sync
@@ -399,15 +422,15 @@ def _restore_adam(params: TensorList, backups: TensorList, grads: TensorList,
         by_count.setdefault(c, []).append(j)
     for count, members in by_count.items():
         # Counters usually agree (one launch); otherwise one launch per distinct count.
-        table = plan.table
+        table = kernel_table
         if len(members) != len(counts):
             table = _plan([_pick(_pick(lst, plan.kernel), members)
-                           for lst in lists[:n_elementwise]]).table
+                           for lst in lists[:n_elementwise]])[1]
         # The torch backend's (and torch.optim.Adam's) host formulas, in double.
         step_size = (options.lr / (1 - options.beta1**count)) * -1
         bc2_sqrt = (1 - options.beta2**count) ** 0.5
         options.run_kernel(table, dtype, grad_scale=grad_scale, found_inf=None,
-                       host_step_size=step_size, host_bc2_sqrt=bc2_sqrt)
+                           host_step_size=step_size, host_bc2_sqrt=bc2_sqrt)
 
 
 def sampa_points_(
@@ -416,8 +439,10 @@ def sampa_points_(
     momentum_buffers: TensorList | None,
     backups: TensorList,
     ys: TensorList,
-    scale: Tensor,
+    sumsq: Tensor,
     *,
+    rho: float,
+    eps: float,
     lr: float,
     momentum: float = 0.0,
     dampening: float = 0.0,
@@ -427,32 +452,34 @@ def sampa_points_(
     init_buffers: bool = False,
 ) -> None:
     """backups <- x;  ys <- SGD's look-ahead of x with g_y (buffers read only);
-    params <- x + scale * g_y (unchanged where scale == 0); one pass."""
+    params <- x + scale * g_y, the scale ``rho / (sqrt(sumsq) + eps)`` derived in the
+    kernel (x unchanged where ``sumsq`` is not finite); one pass."""
     if len(params) == 0:
         return
-    if _delegated(params[0]):
+    if _delegated(params[0]) or sumsq.dtype != torch.float32:
         return torch_ops.sampa_points_(
-            params, grads_y, momentum_buffers, backups, ys, scale, lr=lr, momentum=momentum,
-            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, init_buffers=init_buffers)
+            params, grads_y, momentum_buffers, backups, ys, sumsq, rho=rho, eps=eps, lr=lr,
+            momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, init_buffers=init_buffers)
     assert kernels is not None
     device = params[0].device
-    scale = _on(scale, device)
+    sumsq = _on(sumsq, device)
     buffers = momentum_buffers if momentum != 0 and not init_buffers else None
-    plan = _plan([params, grads_y, backups, ys] + ([buffers] if buffers is not None else []))
+    plan, table = _plan([params, grads_y, backups, ys]
+                        + ([buffers] if buffers is not None else []))
     if plan.other:
         idx = plan.other
         torch_ops.sampa_points_(
             _pick(params, idx), _pick(grads_y, idx), _pick_opt(buffers, idx),
-            _pick(backups, idx), _pick(ys, idx), scale, lr=lr, momentum=momentum,
-            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, init_buffers=init_buffers)
-    if plan.table is not None:
+            _pick(backups, idx), _pick(ys, idx), sumsq, rho=rho, eps=eps, lr=lr,
+            momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, init_buffers=init_buffers)
+    if table is not None:
         with _guard(device):
             kernels.sampa.points(
-                plan.table, _TL_DTYPE[params[0].dtype], scale, lr=lr, momentum=momentum,
-                dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                maximize=maximize, init_buffers=init_buffers)
+                table, _TL_DTYPE[params[0].dtype], sumsq, rho=rho, eps=eps, lr=lr,
+                momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                nesterov=nesterov, maximize=maximize, init_buffers=init_buffers)
 
 
 def sampa_update_(
@@ -482,8 +509,8 @@ def sampa_update_(
             nesterov=nesterov, maximize=maximize, init_buffers=init_buffers)
     assert kernels is not None
     buffers = momentum_buffers if momentum != 0 else None
-    plan = _plan([params, backups, grads_tilde, grads_y]
-                 + ([buffers] if buffers is not None else []))
+    plan, table = _plan([params, backups, grads_tilde, grads_y]
+                        + ([buffers] if buffers is not None else []))
     if plan.other:
         idx = plan.other
         torch_ops.sampa_update_(
@@ -491,10 +518,10 @@ def sampa_update_(
             _pick(grads_y, idx), _pick_opt(buffers, idx), lam=lam, lr=lr, momentum=momentum,
             dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, init_buffers=init_buffers)
-    if plan.table is not None:
+    if table is not None:
         with _guard(params[0].device):
             kernels.sampa.update(
-                plan.table, _TL_DTYPE[params[0].dtype], lam=lam, lr=lr, momentum=momentum,
+                table, _TL_DTYPE[params[0].dtype], lam=lam, lr=lr, momentum=momentum,
                 dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                 maximize=maximize, init_buffers=init_buffers)
 
