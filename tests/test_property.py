@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -332,6 +333,8 @@ def check_example(spec: Spec, backend: str):
         for i, (s1, s2) in enumerate(zip(got_state, ref_state)):
             assert s1.keys() == s2.keys(), f"{backend}: parameter {i}: state keys"
             for key in s1:
+                if key == "step" and built[i].numel() == 0:
+                    continue  # test_adam_counts_the_steps_of_empty_parameters (xfail, triton)
                 assert_close([s1[key]], [s2[key]], [0.0 if key == "step" else last[i]],
                              f"{backend}: parameter {i}: state {key!r}")
     # the float64 oracle (float32/float64 examples)
@@ -360,21 +363,33 @@ def _check_against_torch_optim(spec, built, ref, ref_state):
                 assert torch.equal(s1[key], s2[key]), f"parameter {i}: state {key!r}"
 
 
+# Examples per backend: the Triton interpreter runs a kernel launch ~100x slower than the
+# others, so it gets fewer (the whole file stays within ~60 s on a 2-core CI machine).
+EXAMPLES = {"triton": 8}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=40, **SETTINGS)
-@given(spec=specs())
-def test_sam_on_random_structures(backend, spec):
-    check_example(spec, backend)
+def test_sam_on_random_structures(backend):
+    @settings(max_examples=EXAMPLES.get(backend, 40), **SETTINGS)
+    @given(spec=specs())
+    def prop(spec):
+        check_example(spec, backend)
+
+    prop()
 
 
 @pytest.mark.xfail(strict=True, reason=(
     "issue 10 case 2: with SGD/Adam/AdamW (the fused path) a parameter whose gradient "
     "appears only in the second pass is never stepped; torch.optim steps it (its e is 0)"))
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=10, phases=(Phase.explicit, Phase.generate), **SETTINGS)
-@given(spec=specs(force_second=True))
-def test_gradient_only_in_the_second_pass_is_stepped(backend, spec):
-    check_example(spec, backend)
+def test_gradient_only_in_the_second_pass_is_stepped(backend):
+    @settings(max_examples=min(EXAMPLES.get(backend, 10), 10),
+              phases=(Phase.explicit, Phase.generate), **SETTINGS)
+    @given(spec=specs(force_second=True))
+    def prop(spec):
+        check_example(spec, backend)
+
+    prop()
 
 
 @pytest.mark.xfail(strict=True, raises=ValueError, reason=(
@@ -393,3 +408,84 @@ def test_group_without_gradients_beside_an_adaptive_group(backend):
     opt.first_step()
     opt.restore()
     assert_bits(snap([used, unused]), before, "restore")
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=(
+        "triton backend: restore_adamw_ returns before advancing the step counters when "
+        "every tensor of a (device, dtype) group is empty (no pointer table), so Adam's "
+        "'step' of an empty parameter stays 0; torch.optim counts it")))
+    if b == "triton" else b for b in BACKENDS])
+def test_adam_counts_the_steps_of_empty_parameters(backend):
+    """An empty parameter (a zero-width layer) alone in its dtype group, beside a normal
+    one: torch.optim.Adam advances its step counter like any other."""
+    # float64 runs on the torch backend everywhere, so the float32 group is the empty one
+    full = torch.nn.Parameter(torch.tensor([0.5, -0.25], dtype=torch.float64))
+    empty = torch.nn.Parameter(torch.zeros(0, 3))
+    opt = SAM([full, empty], torch.optim.Adam, lr=0.1, backend=backend)
+    for _ in range(2):
+        for _pass in range(2):
+            full.grad = torch.tensor([1.0, 2.0], dtype=torch.float64)
+            empty.grad = torch.zeros(0, 3)
+            opt.first_step() if _pass == 0 else opt.second_step()
+    assert opt.base_optimizer.state[full]["step"].item() == 2
+    assert opt.base_optimizer.state[empty]["step"].item() == 2
+
+
+def _overlapping(kind):
+    buf = torch.linspace(-1, 1, 8)
+    if kind == "same-tensor-twice":
+        w = torch.nn.Parameter(buf[:5])
+        return buf, [w, w]
+    return buf, [torch.nn.Parameter(buf[0:5]), torch.nn.Parameter(buf[3:8])]
+
+
+@pytest.mark.parametrize("kind", ["same-tensor-twice", "overlapping-views"])
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=(
+        "issue 10 case 5: the cpp and triton backends accept parameters that share elements "
+        "and restore them to the wrong point (w + e/2 for [w, w])")))
+    if b in ("cpp", "triton") else b for b in BACKENDS])
+def test_overlapping_parameters_are_refused_or_follow_torch_optim(backend, kind):
+    """Parameters that share elements have no per-element SAM step. The library may refuse
+    them when the optimizer is built (an error that says so), or accept them and then
+    every backend must do what the torch backend does (torch.optim's semantics: each
+    listed tensor is perturbed and stepped with its own gradient, one after the other),
+    and the restore must still give back the original bits. Never silent damage."""
+
+    def build_opt(backend):
+        buf, params = _overlapping(kind)
+        return buf, params, SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.optim's own duplicate-parameter warning
+            buf, params, opt = build_opt(backend)
+    except (ValueError, RuntimeError) as exc:
+        assert any(w in str(exc).lower() for w in ("duplicate", "overlap", "alias", "share",
+                                                    "twice", "more than once")), exc
+        return
+
+    def steps(buf, params, opt):
+        out = []
+        for k in range(2):
+            before = buf.clone()
+            for i, p in enumerate(params):
+                p.grad = (p.detach() * 0.2 + 1 + i).clone()
+            opt.first_step()
+            opt.restore()
+            assert torch.equal(buf, before), f"{backend}: restore after first_step is not exact"
+            opt.first_step()
+            for i, p in enumerate(params):
+                p.grad = (p.detach() * 0.2 + 1 + i).clone()
+            opt.second_step()
+            out.append(buf.clone())
+        return out
+
+    got = steps(buf, params, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = steps(*build_opt("torch"))
+    for k, (x, y) in enumerate(zip(got, want)):
+        torch.testing.assert_close(x, y, rtol=64 * (k + 1) * _unit(torch.float32),
+                                   atol=64 * (k + 1) * _unit(torch.float32))
