@@ -120,3 +120,43 @@ def max_rel_diff(a, b) -> float:
         denom = max(y.abs().max().item(), 1e-30)
         worst = max(worst, (x - y).abs().max().item() / denom)
     return worst if math.isfinite(worst) else float("inf")
+
+
+# -- per-tensor textbook steps, every option of torch.optim.SGD / Adam / AdamW ------------------
+# (for tests that draw options and skip parameters: each tensor keeps its own state, and a
+# tensor without a gradient is not stepped, as in torch.optim)
+
+
+def sgd_step(w, g, state, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+             maximize=False):
+    """One SGD step on one float64 tensor; ``state`` (a dict) holds its momentum buffer."""
+    d = -g if maximize else g
+    d = d + weight_decay * w
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        buf = d.clone() if buf is None else momentum * buf + (1 - dampening) * d
+        state["momentum_buffer"] = buf
+        d = d + momentum * buf if nesterov else buf
+    return w - lr * d
+
+
+def adam_step(w, g, state, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+              maximize=False, decoupled=False):
+    """One Adam (``decoupled=False``: L2 in the gradient) or AdamW step on one float64 tensor;
+    ``state`` holds its own step count and moments."""
+    b1, b2 = betas
+    g = -g if maximize else g
+    if decoupled:
+        w = w * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * w
+    t = state.get("step", 0) + 1
+    m = b1 * state.get("exp_avg", torch.zeros_like(w)) + (1 - b1) * g
+    v = b2 * state.get("exp_avg_sq", torch.zeros_like(w)) + (1 - b2) * g * g
+    state.update(step=t, exp_avg=m, exp_avg_sq=v)
+    if amsgrad:
+        v = torch.maximum(state.get("max_exp_avg_sq", torch.zeros_like(w)), v)
+        state["max_exp_avg_sq"] = v
+    m_hat = m / (1 - b1**t)
+    v_hat = v / (1 - b2**t)
+    return w - lr * m_hat / (v_hat.sqrt() + eps)

@@ -9,6 +9,17 @@ Tolerances:
   reference per-parameter loop is (both are float32 computations of the same
   equations; they differ only in the order of roundings), with a floor of a
   few float32 ulps.
+
+  That premise needs a loss that is smooth along the trajectory: tests/models.py
+  uses SiLU, not ReLU (with ReLU, a pre-activation 8e-8 from zero at the perturbed
+  point of step 7 of the AdamW case took the sign the CPU's kernels gave it, and
+  the float32 runs landed 4e-2 from the oracle with ATen's AVX2 kernels and 8e-7
+  with its default ones). With the smooth model the float32 error is rounding
+  noise amplified continuously by 30 steps. Measured with one thread over every
+  config x ATEN_CPU_CAPABILITY={default, avx2} x 3 one-ulp perturbations of the
+  initial weights (which stand for other machines' rounding orders): 4e-7 to
+  1.3e-6 for both implementations, the ratio of the two up to 2.05 (two threads
+  gave the same range with the ReLU model, away from its kink).
 """
 
 from __future__ import annotations
@@ -82,8 +93,13 @@ def test_float32_run_is_as_accurate_as_the_reference_loop(name, base, base_kw, m
     truth = _oracle_run(torch.float64, make_base, sam_kw)[-1]
     ours_err = oracle.max_rel_diff(params_of(ours_model), truth)
     ref_err = oracle.max_rel_diff(params_of(ref_model), truth)
+    # Two draws of the same rounding noise: their ratio is not bounded by 2 (2.05 measured),
+    # so the floor carries the comparison when both are at the noise level (<= 1.3e-6
+    # measured, 64 eps = 7.6e-6); the factor 2 matters only if the reference is worse.
     assert ours_err <= max(2 * ref_err, 64 * F32_EPS), (ours_err, ref_err)
-    assert ours_err < 1e-5  # measured ~1e-6 for every config: the problem is well conditioned
+    # The noise level itself, ~8x above the largest measurement (docstring); an
+    # algorithmic slip (sign, norm, scale, batch) shows at 1e-4 or more.
+    assert ours_err < 1e-5
     assert oracle.max_rel_diff(params_of(ours_model), params_of(ref_model)) <= (
         ours_err + ref_err + 64 * F32_EPS)
 

@@ -47,14 +47,14 @@ def test_float64_run_matches_oracle(name, base, kw, make_base, lam):
     assert oracle.max_rel_diff(params_of(model), want) < 1e-11
 
 
-# float32 runs use AdamW at lr=1e-3: at lr=1e-2 this net meets a ReLU kink at
-# update 8 where even the float32 oracle moves by 3e-3 when its initial weights
-# move by one ulp, which no implementation can be held to.
+# float32 runs: the configs of the float64 test. (They used AdamW at lr=1e-3 while
+# the model had ReLU: at lr=1e-2 a pre-activation passed within float32 rounding
+# of zero at update 8. tests/models.py is smooth now; see its docstring.)
 F32_CONFIGS = [
     ("sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4),
      lambda: oracle.SGD64(0.05, 0.9, 0, 5e-4)),
-    ("adamw", torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2),
-     lambda: oracle.AdamW64(1e-3, weight_decay=1e-2)),
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2),
+     lambda: oracle.AdamW64(1e-2, weight_decay=1e-2)),
 ]
 
 
@@ -68,9 +68,10 @@ def test_float32_run_stays_within_float32_rounding(name, base, kw, make_base, la
     problem = oracle.Problem(small_cnn(0), data, loss_of)
     want = oracle.sampa_trajectory(problem, make_base(), CALLS, rho=0.1, lam=lam)[-1]
     # float32 rounding of the forward/backward and the updates puts ~1e-6
-    # between a float32 run and the float64 oracle after 30 updates (the
-    # float32 oracle itself is 1e-6 from the float64 one); 2e-5 is 20x that
-    # and far below an algorithmic error.
+    # between a float32 run and the float64 oracle after 30 updates: measured
+    # 6e-7 to 1.5e-6 (both configs, both lam, AdamW at lr 1e-3 and 1e-2) with
+    # ATen's default and AVX2 kernels and 3 one-ulp perturbations of the
+    # initial weights each; 2e-5 is 13x that and far below an algorithmic error.
     assert oracle.max_rel_diff(params_of(model), want) < 2e-5
 
 
