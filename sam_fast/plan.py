@@ -138,12 +138,62 @@ def check_no_duplicates(groups: Sequence[dict]) -> None:
                 )
 
 
+def check_no_overlap(groups: Sequence[dict]) -> None:
+    """Parameters that share elements (overlapping views of one buffer) have no
+    per-element SAM step: each would save and restore the other's perturbation.
+    Disjoint views of one buffer (its halves, even and odd elements) are fine.
+
+    Exact: only views whose byte extents intersect are checked element by element,
+    with a counter over their storage (views into one flat buffer in consecutive
+    chunks never get there)."""
+    by_storage: dict[tuple, list[tuple[int, int, int, int, Tensor]]] = defaultdict(list)
+    for gi, g in enumerate(groups):
+        for pi, p in enumerate(g["params"]):
+            t = local(p)
+            if t.numel() == 0 or t.device.type == "meta":
+                continue
+            size = t.element_size()
+            lo = t.storage_offset()
+            hi = lo + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+            key = (t.device, t.untyped_storage().data_ptr())
+            by_storage[key].append((lo * size, hi * size, gi, pi, t))
+    for views in by_storage.values():
+        if len(views) < 2:
+            continue
+        views.sort(key=lambda v: v[0])
+        active: list[tuple[int, int, int, int, Tensor]] = []
+        for lo2, hi2, g2, p2, t2 in views:
+            active = [v for v in active if v[1] > lo2]  # extents that reach this view
+            for lo1, hi1, g1, p1, t1 in active:
+                if t1.dtype != t2.dtype or _share_elements(t1, t2):
+                    _overlap_error(g1, p1, g2, p2)
+            active.append((lo2, hi2, g2, p2, t2))
+
+
+def _overlap_error(g1: int, p1: int, g2: int, p2: int) -> None:
+    raise ValueError(
+        f"the parameters at param group {g1} position {p1} and param group {g2} "
+        f"position {p2} share memory (overlapping views of one buffer); each "
+        "would save and restore the other's perturbation: pass disjoint tensors"
+    )
+
+
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether two views of one storage (same dtype) have an element in common."""
+    n = a.untyped_storage().nbytes() // a.element_size()
+    counter = torch.zeros(n, dtype=torch.int8, device=a.device)
+    counter.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(1)
+    hits = counter.as_strided(b.shape, b.stride(), b.storage_offset())
+    return bool(hits.any())
+
+
 def build(groups: list[dict], state_of: Callable[[Tensor], dict], backend: str,
           ops_needed: Sequence[str], key: tuple, adaptive: Callable[[dict], float | None]
           ) -> Plan:
     """A new plan over ``groups``: buckets per (group, device, dtype), norm parts per
     (device, dtype, eta), backups allocated in ``state_of(p)["backup"]``."""
     check_no_duplicates(groups)
+    check_no_overlap(groups)
     buckets: list[Bucket] = []
     for gi, group in enumerate(groups):
         by_kind: dict[tuple, list[Tensor]] = defaultdict(list)

@@ -173,6 +173,8 @@ class SAM(SharpnessOptimizer):
         """The global sum of squares when some gradients are missing (the validating ops)."""
         parts: dict[float | None, tuple[list[Tensor], list[Tensor]]] = {}
         for b, gs, m in zip(current.buckets, grads, masks):
+            if not gs:  # no gradient in this bucket this step (frozen, unused branch)
+                continue
             eta = self._adaptive_eta(self.param_groups[b.group_index])
             ws, acc = parts.setdefault(eta, ([], []))
             ws.extend(b.params if m is None else [b.params[i] for i in m])

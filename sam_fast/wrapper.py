@@ -149,6 +149,7 @@ class SharpnessOptimizer(Optimizer):
         self._wrapper_defaults = dict(wrapper_defaults)
         _check_base_step(self.base_optimizer)
         plan.check_no_duplicates(self.param_groups)
+        plan.check_no_overlap(self.param_groups)
         for group in self.param_groups:
             _check_rho(group["rho"])
             for p in group["params"]:

@@ -95,6 +95,7 @@ def test_a_gradient_only_in_the_second_pass_is_stepped(backend, base, kw):
     model = TwoHeads()
     opt = SAM(model.parameters(), base, backend=backend, **kw)
     plain = copy.deepcopy(model.b)
+    start = [p.detach().clone() for p in model.b.parameters()]
     plain_opt = base(plain.parameters(), **kw)
     x = torch.randn(5, 4)
     model(x, use_b=False).backward()
@@ -106,8 +107,14 @@ def test_a_gradient_only_in_the_second_pass_is_stepped(backend, base, kw):
     for p, g in zip(plain.parameters(), grads_b):
         p.grad = g
     plain_opt.step()
-    for p, q in zip(model.b.parameters(), plain.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for p, q, w in zip(model.b.parameters(), plain.parameters(), start):
+        if backend == "triton":
+            # Triton contracts w - lr * d into one FMA (torch rounds the product first):
+            # a few roundings of the step and of the result apart
+            bound = 2.0**-22 * (q.abs() + (q - w).abs())
+            assert ((p - q).abs() <= bound).all()
+        else:  # torch and cpp follow torch.optim operation by operation
+            assert torch.equal(p, q)
 
 
 def test_a_gradient_only_in_the_first_pass_restores_without_stepping(backend):

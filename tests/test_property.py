@@ -145,8 +145,8 @@ def specs(draw, patterns=PATTERNS, force_second=False):
         i, k = draw(st.integers(0, n_params - 1)), draw(st.integers(0, steps - 1))
         pats[i][k] = "second"
     # Every group gets a first-pass gradient at every step: first_step needs one somewhere
-    # (else it raises, as documented), and a group without any trips the library bug of
-    # test_group_without_gradients_beside_an_adaptive_group (xfail below).
+    # (else it raises, as documented); a group without any beside an adaptive one is
+    # test_group_without_gradients_beside_an_adaptive_group below.
     for gi, g in enumerate(groups):
         start = sum(_n_params(h["kinds"]) for h in groups[:gi])
         idx = range(start, start + _n_params(g["kinds"]))
@@ -378,9 +378,6 @@ def test_sam_on_random_structures(backend):
     prop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10 case 2: with SGD/Adam/AdamW (the fused path) a parameter whose gradient "
-    "appears only in the second pass is never stepped; torch.optim steps it (its e is 0)"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_only_in_the_second_pass_is_stepped(backend):
     @settings(max_examples=min(EXAMPLES.get(backend, 10), 10),
@@ -392,9 +389,6 @@ def test_gradient_only_in_the_second_pass_is_stepped(backend):
     prop()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "SAM._grad_norm asks grad_sumsq for the norm of a group kind (adaptive/eta) whose "
-    "parameters have no gradient this step, and grad_sumsq([]) raises ValueError"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_group_without_gradients_beside_an_adaptive_group(backend):
     """Two groups that differ in ``adaptive``; the second has no gradient this step (frozen,
@@ -441,11 +435,7 @@ def _overlapping(kind):
 
 
 @pytest.mark.parametrize("kind", ["same-tensor-twice", "overlapping-views"])
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=(
-        "issue 10 case 5: the cpp and triton backends accept parameters that share elements "
-        "and restore them to the wrong point (w + e/2 for [w, w])")))
-    if b in ("cpp", "triton") else b for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_overlapping_parameters_are_refused_or_follow_torch_optim(backend, kind):
     """Parameters that share elements have no per-element SAM step. The library may refuse
     them when the optimizer is built (an error that says so), or accept them and then
