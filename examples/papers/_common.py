@@ -18,6 +18,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a reduced run (the test suite's smoke test), not the reported one")
     p.add_argument("--out", type=Path, default=None, help="where to save the plot (PNG)")
+    p.add_argument("--no-plot", action="store_true", help="print the table only (no matplotlib)")
     # One thread by default: these models are tiny, and on a shared 2-core machine
     # two threads spin against each other (measured 1.6 ms vs 36 ms per step under load).
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

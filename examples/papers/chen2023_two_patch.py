@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(_common.table(["‖μ‖", "GD train err", "GD test err", "±", "SAM train err",
                          "SAM test err", "±"], rows))
 
+    if args.no_plot:
+        return results
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for method, color in (("GD", "tab:blue"), ("SAM", "tab:red")):
