@@ -24,6 +24,16 @@ from sam_fast.sharpness import (adaptive_sharpness, hessian_top_eigenvalues, hes
                                 worst_case_sharpness)
 
 F64_EPS = torch.finfo(torch.float64).eps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: on a shared 2-core machine two threads only spin
+    against each other (an order of magnitude slower per op under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 Z = 5.0  # standard errors in a stochastic bar
 
 
@@ -458,3 +468,48 @@ def test_cuda_matches_cpu():
     assert torch.allclose(cpu.samples, gpu.samples, rtol=1e-10, atol=1e-12)
     assert torch.allclose(eig_cpu.eigenvalues, eig_gpu.eigenvalues, rtol=1e-8)
     assert wc_gpu.sharpness == pytest.approx(wc_cpu.sharpness, rel=1e-8)
+
+
+# -- the paper examples, at a reduced size -------------------------------------------------------
+
+PAPERS = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "papers"
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"paper_{name}", PAPERS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plot_args(tmp_path) -> list[str]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ["--no-plot"]
+    return ["--out", str(tmp_path / "figure.png")]
+
+
+def _fake_digits():
+    """A digits-shaped stand-in for a machine without scikit-learn (64 features, 10 classes)."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 10
+    return torch.rand(300, 64, generator=gen) + 0.5 * torch.nn.functional.one_hot(y, 64), y
+
+
+@pytest.mark.parametrize("name", ["chen2023_two_patch", "wen2023_xor", "shin2023_width"])
+def test_paper_example_smoke(name, tmp_path, capsys):
+    module = _load_example(name)
+    argv = ["--quick", "--threads", "1", *_plot_args(tmp_path)]
+    if name == "shin2023_width":
+        import importlib.util
+        digits = module.load_digits if importlib.util.find_spec("sklearn") else _fake_digits
+        module.main(argv, digits=digits)
+    else:
+        module.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("|") > 10  # the table was printed
+    if "--out" in argv:
+        assert (tmp_path / "figure.png").stat().st_size > 0
