@@ -1,10 +1,11 @@
-"""sam_fast: fast Sharpness-Aware Minimization (SAM, ASAM, USAM, SAMPa) for PyTorch."""
+"""sam_fast: fast Sharpness-Aware Minimization (SAM, ASAM, USAM, SAMPa) for PyTorch, and
+measures of sharpness (:mod:`sam_fast.sharpness`)."""
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
-from . import ops
+from . import ops, sharpness
 from ._version import __version__
 from .dispatch import registered_backends
 from .sam import SAM
 from .sampa import SAMPa
 
-__all__ = ["SAM", "SAMPa", "ops", "registered_backends", "__version__"]
+__all__ = ["SAM", "SAMPa", "ops", "registered_backends", "sharpness", "__version__"]
