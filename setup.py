@@ -109,7 +109,11 @@ def _extensions() -> tuple[list, dict]:
 
     sources = ["csrc/ops.cpp", "csrc/cpu/ops_cpu.cpp"]
     # -fno-math-errno: sqrt needs no errno branch, so the CPU loops vectorize.
-    cxx = ["-O3", "-fno-math-errno"]
+    # -ffp-contract=off: no a * b + c fused into an FMA (GCC fuses by default
+    # wherever the target has FMA, e.g. SAM_FAST_MARCH=native; clang within an
+    # expression): the perturbation scale and e = scale * g, w + e must round
+    # each operation as the torch backend does, bit for bit.
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     march = os.environ.get("SAM_FAST_MARCH")  # e.g. "native" for a build only this machine runs
     if march:
         cxx.append(f"-march={march}")

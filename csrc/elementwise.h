@@ -92,6 +92,66 @@ SAMF_HD float addcdiv(float a, float s, float b, float c) {
 #endif
 }
 
+// ---------------------------------------------------------------------------
+// The perturbation's scale from the global sum of squares (docs: op contract;
+// spec: torch_ops.perturbation_scale). Each step is one correctly rounded
+// operation, in the order PyTorch evaluates the Python chain
+// rho / (sqrt(sumsq) + eps) (a reciprocal, then a product), so every backend
+// gets the same bits. On the GPU the _rn intrinsics keep nvcc from contracting
+// the add and the product into an FMA (it would, for a * b + c, by default);
+// the CPU build compiles with -ffp-contract=off (setup.py) for the same reason.
+// Acc is float for fp32 sums of squares and double for fp64 ones (where the
+// torch backend computes the chain in fp64 too).
+
+// Both passes of nvcc see the same host-device functions; only the device
+// pass (__CUDA_ARCH__) takes the intrinsics. Plain IEEE sqrt, +, *, / are
+// correctly rounded on the host, where nothing is fused (-ffp-contract=off).
+#if defined(__CUDA_ARCH__)
+#define SAMF_RN(device_expr, host_expr) return device_expr
+#else
+#define SAMF_RN(device_expr, host_expr) return host_expr
+#endif
+SAMF_HD float rn_sqrt(float x) { SAMF_RN(__fsqrt_rn(x), std::sqrt(x)); }
+SAMF_HD double rn_sqrt(double x) { SAMF_RN(__dsqrt_rn(x), std::sqrt(x)); }
+SAMF_HD float rn_add(float a, float b) { SAMF_RN(__fadd_rn(a, b), a + b); }
+SAMF_HD double rn_add(double a, double b) { SAMF_RN(__dadd_rn(a, b), a + b); }
+SAMF_HD float rn_mul(float a, float b) { SAMF_RN(__fmul_rn(a, b), a * b); }
+SAMF_HD double rn_mul(double a, double b) { SAMF_RN(__dmul_rn(a, b), a * b); }
+SAMF_HD float rn_rcp(float x) { SAMF_RN(__frcp_rn(x), 1.0f / x); }
+SAMF_HD double rn_rcp(double x) { SAMF_RN(__drcp_rn(x), 1.0 / x); }
+SAMF_HD bool is_finite(float x) { SAMF_RN(isfinite(x), std::isfinite(x)); }
+SAMF_HD bool is_finite(double x) { SAMF_RN(isfinite(x), std::isfinite(x)); }
+#undef SAMF_RN
+
+// rho / (norm + eps) (normalize: SAM, ASAM, SAMPa) or rho (USAM), norm being
+// sqrt(sumsq). With gradients scaled by S (grad_scale != nullptr) it is the
+// scale of the unscaled ones: rho / (norm + S * eps), or (1 / S) * rho. 0 where
+// sumsq is not finite: perturbation() below reads 0 as a skipped step (e == 0
+// exactly). rho and eps arrive already rounded to Acc, as torch rounds a Python
+// scalar to the tensor's dtype.
+template <typename Acc>
+SAMF_HD Acc scale_from_norm(Acc norm, bool sumsq_finite, Acc rho, Acc eps, bool normalize,
+                            const Acc* grad_scale) {
+  Acc scale = rho;
+  if (normalize) {
+    const Acc eps_term = grad_scale != nullptr ? rn_mul(*grad_scale, eps) : eps;
+    scale = rn_mul(rn_rcp(rn_add(norm, eps_term)), rho);
+  } else if (grad_scale != nullptr) {
+    scale = rn_mul(rn_rcp(*grad_scale), rho);
+  }
+  return sumsq_finite ? scale : Acc(0);
+}
+
+// The same from sumsq with a correctly rounded sqrt: torch.sqrt on CUDA. (On
+// the CPU torch.sqrt is not correctly rounded, so the CPU kernels take the
+// norm from ATen's sqrt and call scale_from_norm: see cpu/ops_cpu.cpp.)
+template <typename Acc>
+SAMF_HD Acc perturbation_scale(Acc sumsq, Acc rho, Acc eps, bool normalize,
+                               const Acc* grad_scale) {
+  return scale_from_norm(normalize ? rn_sqrt(sumsq) : Acc(0), is_finite(sumsq), rho, eps,
+                         normalize, grad_scale);
+}
+
 // The perturbation e of SAM / USAM (scale * g) or ASAM (scale * (|w| + eta)^2 * g);
 // exactly 0 where scale == 0 (a skipped step: 0 * inf would be NaN).
 SAMF_HD float perturbation(float w, float g, float scale, bool adaptive, bool has_eta, float eta) {
@@ -100,6 +160,12 @@ SAMF_HD float perturbation(float w, float g, float scale, bool adaptive, bool ha
   float t = std::fabs(w);
   if (has_eta) t = t + eta;
   return ((t * t) * g) * scale;
+}
+
+// w + e, e rounded before the add as in the torch backend (e is a tensor of
+// its own there): rn_add keeps nvcc from fusing the product in e into an FMA.
+SAMF_HD float perturbed(float w, float g, float scale, bool adaptive, bool has_eta, float eta) {
+  return rn_add(w, perturbation(w, g, scale, adaptive, has_eta, eta));
 }
 
 // The direction d of torch.optim.SGD for one element; writes the new momentum

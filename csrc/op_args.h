@@ -149,6 +149,31 @@ inline at::Tensor scalar_on(const at::Tensor& s, at::Device device, const char* 
   return s.to(device, at::kFloat).reshape({});
 }
 
+// What perturb_ / sampa_points_ derive their scale from: the global sum of
+// squares on `device`, fp64 if it is fp64 (the torch backend then computes the
+// scale in fp64) and fp32 otherwise, and grad_scale in the same dtype (as the
+// torch backend's grad_scale.to(norm)). Already there, they are used as they
+// are: no copy, no host sync.
+struct ScaleInputs {
+  at::Tensor sumsq;
+  std::optional<at::Tensor> grad_scale;
+  bool is_double;
+};
+
+inline ScaleInputs scale_inputs(const at::Tensor& sumsq,
+                                const std::optional<at::Tensor>& grad_scale, at::Device device) {
+  TORCH_CHECK(sumsq.numel() == 1, "sumsq must hold one element, got shape ", sumsq.sizes());
+  const bool is_double = sumsq.scalar_type() == at::kDouble;
+  const at::ScalarType acc = is_double ? at::kDouble : at::kFloat;
+  ScaleInputs in{sumsq.to(device, acc).reshape({}), std::nullopt, is_double};
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
+                grad_scale->sizes());
+    in.grad_scale = grad_scale->to(device, acc).reshape({});
+  }
+  return in;
+}
+
 inline SgdCoeffs make_sgd_coeffs(double lr, double momentum, double dampening,
                                  double weight_decay, bool nesterov, bool maximize,
                                  bool init_buffers) {

@@ -86,8 +86,10 @@ void no_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 TORCH_LIBRARY(sam_fast, m) {
   m.set_python_module("sam_fast._fake");
   m.def("grad_sumsq(Tensor[] grads, Tensor[] params, float eta) -> Tensor");
-  m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor scale, "
-        "float? eta) -> ()");
+  // perturb_ and sampa_points_ take the global sum of squares and derive the
+  // scale rho / (sqrt(sumsq) + eps) inside the kernel (elementwise.h).
+  m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sumsq, *, "
+        "float rho, float eps, bool normalize, float? eta, Tensor? grad_scale) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def("restore_sgd_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, "
         "Tensor(b!)[] momentum_buffers, *, float lr, float momentum, float dampening, "
@@ -99,7 +101,8 @@ TORCH_LIBRARY(sam_fast, m) {
         "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
         "Tensor? grad_scale, Tensor? found_inf) -> ()");
   m.def("sampa_points_(Tensor(a!)[] params, Tensor[] grads_y, Tensor[] momentum_buffers, "
-        "Tensor(b!)[] backups, Tensor(c!)[] ys, Tensor scale, *, float lr, float momentum, "
+        "Tensor(b!)[] backups, Tensor(c!)[] ys, Tensor sumsq, *, float rho, float eps, "
+        "float lr, float momentum, "
         "float dampening, float weight_decay, bool nesterov, bool maximize, "
         "bool init_buffers) -> ()");
   m.def("sampa_update_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads_tilde, "

@@ -49,16 +49,24 @@ def perturb_(
     params: TensorList,
     grads: TensorList,
     backups: TensorList,
-    scale: Tensor,
+    sumsq: Tensor,
+    *,
+    rho: float,
+    eps: float,
+    normalize: bool,
     eta: float | None = None,
+    grad_scale: Tensor | None = None,
 ) -> None:
-    """backups <- w;  w <- w + e(w, g, scale); fp64 groups: torch backend."""
+    """backups <- w;  w <- w + e(w, g), the kernel deriving the scale from ``sumsq``
+    (``torch_ops.perturbation_scale``, bit for bit); fp64 groups: torch backend."""
     if _fp64(params):
-        return torch_ops.perturb_(params, grads, backups, scale, eta)
+        return torch_ops.perturb_(params, grads, backups, sumsq, rho=rho, eps=eps,
+                                  normalize=normalize, eta=eta, grad_scale=grad_scale)
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.perturb_(list(params), list(grads), list(backups), scale,
-                                None if eta is None else float(eta))
+    torch.ops.sam_fast.perturb_(list(params), list(grads), list(backups), sumsq,
+                                rho=float(rho), eps=float(eps), normalize=bool(normalize),
+                                eta=None if eta is None else float(eta), grad_scale=grad_scale)
 
 
 def restore_(params: TensorList, backups: TensorList) -> None:
@@ -155,8 +163,10 @@ def sampa_points_(
     momentum_buffers: TensorList | None,
     backups: TensorList,
     ys: TensorList,
-    scale: Tensor,
+    sumsq: Tensor,
     *,
+    rho: float,
+    eps: float,
     lr: float,
     momentum: float = 0.0,
     dampening: float = 0.0,
@@ -165,12 +175,13 @@ def sampa_points_(
     maximize: bool = False,
     init_buffers: bool = False,
 ) -> None:
-    """SAMPa's two points (backups, ys, params <- x~); fp64 groups: torch backend."""
+    """SAMPa's two points (backups, ys, params <- x~, the scale derived in the kernel
+    from ``sumsq``); fp64 groups: torch backend."""
     if _fp64(params):
         return torch_ops.sampa_points_(
-            params, grads_y, momentum_buffers, backups, ys, scale, lr=lr, momentum=momentum,
-            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, init_buffers=init_buffers)
+            params, grads_y, momentum_buffers, backups, ys, sumsq, rho=rho, eps=eps, lr=lr,
+            momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, init_buffers=init_buffers)
     reads_buffers = momentum != 0 and not init_buffers
     if reads_buffers and momentum_buffers is None:
         raise ValueError("momentum != 0 needs momentum_buffers")
@@ -178,7 +189,7 @@ def sampa_points_(
         return None
     torch.ops.sam_fast.sampa_points_(
         list(params), list(grads_y), _opt(momentum_buffers) if reads_buffers else [],
-        list(backups), list(ys), scale,
+        list(backups), list(ys), sumsq, rho=float(rho), eps=float(eps),
         lr=float(lr), momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=bool(nesterov), maximize=bool(maximize),
         init_buffers=bool(init_buffers))

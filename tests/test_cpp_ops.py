@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from sam_fast import _compiled_ops, _extension, ops
+from sam_fast.backends import torch_ops
 
 REASON = _extension.cpp_reason()
 if REASON is not None:
@@ -35,6 +36,7 @@ DEVICES = [
 ]
 BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+F32_EPS = torch.finfo(torch.float32).eps
 
 # 1 element, primes, the CPU chunk (16384) and CUDA chunk (65536) edges, a
 # 3-d shape, 1100 small tensors (several CUDA launches of <= 255 tensors), and
@@ -161,6 +163,48 @@ def test_grad_sumsq_edge_lists(device):
 
 
 # -- perturb_ / restore_ ---------------------------------------------------------------------
+#
+# perturb_ and sampa_points_ derive the scale rho / (sqrt(sumsq) + eps) inside the kernel
+# (csrc/elementwise.h: perturbation_scale). On the CPU it and the perturbation must agree
+# with the torch backend (torch_ops.perturbation_scale, torch_ops.perturb_) bit for bit:
+# every step is one correctly rounded operation in the same order. CUDA keeps the
+# tolerance of _close (not run on a GPU where these tests were written).
+
+# (rho, eps, normalize, eta): SAM, SAM with eps 0 and with a large eps, USAM, ASAM (with
+# and without eta)
+PERTURB_KINDS = {
+    "sam": (0.05, 1e-12, True, None),
+    "sam-eps0": (0.37, 0.0, True, None),
+    "sam-eps-large": (2.0, 1e-3, True, None),
+    "usam": (0.05, 1e-12, False, None),
+    "asam": (0.5, 1e-12, True, 0.01),
+    "asam-eta0": (0.5, 1e-12, True, 0.0),
+}
+
+
+def _same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Bitwise equality (NaNs and signed zeros included)."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        return False
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.dtype.itemsize]
+    return torch.equal(actual.cpu().view(bits), expected.cpu().view(bits))
+
+
+def _agrees(device, actual, expected, dtype):
+    if device == "cpu":
+        assert _same_bits(actual, expected), (actual, expected)
+    else:
+        _close(actual, expected, dtype)
+
+
+def _scale64(sumsq, rho, eps, normalize, grad_scale=None):
+    """The scale in float64 from its definition. With GradScaler's S the gradients (and
+    sumsq) are S times the true ones and e = scale * (S g) must be rho g / (||g|| + eps):
+    scale = rho / (sqrt(sumsq) + S eps), or rho / S for USAM."""
+    s = 1.0 if grad_scale is None else float(grad_scale)
+    if not normalize:
+        return rho / s
+    return rho / (math.sqrt(sumsq) + s * eps)
 
 
 def _perturb64(w, g, scale, eta):
@@ -173,38 +217,138 @@ def _perturb64(w, g, scale, eta):
     return w + scale * t * t * g
 
 
+def _run_perturb(backend, params, grads, sumsq, kind, grad_scale=None):
+    rho, eps, normalize, eta = PERTURB_KINDS[kind]
+    p, b = _clone(params), _empty_like(params)
+    ops.perturb_(p, grads, b, sumsq, rho=rho, eps=eps, normalize=normalize, eta=eta,
+                 grad_scale=grad_scale, backend=backend)
+    return p, b
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,sizes", _dtype_sizes(SIZE_SETS))
-@pytest.mark.parametrize("eta", [None, 0.0, 0.01])
-@pytest.mark.parametrize("scale", [0.37, 0.0])
-def test_perturb(device, dtype, sizes, eta, scale, gen):
+@pytest.mark.parametrize("kind", ["sam", "usam", "asam", "asam-eta0"])
+@pytest.mark.parametrize("grad_scale", [None, 1024.0])
+def test_perturb(device, dtype, sizes, kind, grad_scale, gen):
+    """Backups exact; weights bit for bit as the torch backend (CPU) and as the float64
+    formula within a few ulps, the scale derived from the gradients' own sum of squares."""
     shapes = SIZE_SETS[sizes]
+    rho, eps, normalize, eta = PERTURB_KINDS[kind]
     params = _rand(shapes, dtype, gen, device)
-    grads = _rand(shapes, dtype, gen, device)
-    original = _clone(params)
-    results = {}
-    for backend in (BACKEND[device], "torch"):
-        p, b = _clone(params), _empty_like(params)
-        ops.perturb_(p, grads, b, torch.tensor(scale, device=device), eta, backend=backend)
-        results[backend] = (p, b)
-    (p, b), (p_ref, _) = results[BACKEND[device]], results["torch"]
+    s = 1.0 if grad_scale is None else grad_scale
+    grads = _rand(shapes, dtype, gen, device, scale=s)  # as GradScaler leaves them
+    gs = None if grad_scale is None else torch.tensor(grad_scale, device=device)
+    sumsq = ops.grad_sumsq(grads, params if eta is not None else None, eta or 0.0,
+                           backend="torch")
+    p, b = _run_perturb(BACKEND[device], params, grads, sumsq, kind, gs)
+    p_ref, _ = _run_perturb("torch", params, grads, sumsq, kind, gs)
+    scale = _scale64(sumsq.item(), rho, eps, normalize, grad_scale)
     for i in range(len(shapes)):
-        assert torch.equal(b[i], original[i]), "the backup must be an exact copy"
-        _close(p[i], p_ref[i], dtype)
+        assert _same_bits(b[i], params[i]), "the backup must be an exact copy"
+        _agrees(device, p[i], p_ref[i], dtype)
     for i in _oracle_indices(len(shapes)):
-        _close(p[i], _perturb64(original[i], grads[i], scale, eta), dtype, ulps=8)
+        _close(p[i], _perturb64(params[i], grads[i], scale, eta), dtype, ulps=8)
+
+
+def _sumsq_values():
+    """Sums of squares across the fp32 range: 0, subnormal, tiny, around 1, huge, the
+    largest finite, and random ones (log-uniform), plus inf and NaN."""
+    gen = torch.Generator().manual_seed(99)
+    rand = (10.0 ** (torch.rand(120, generator=gen, dtype=torch.float64) * 76 - 38)).tolist()
+    return [0.0, 1e-45, 1e-40, 1e-30, 1e-24, 1.0, 2.0, 3.0, 0.1, 1e10, 3.4e38,
+            float("inf"), float("nan")] + rand
+
+
+@pytest.mark.parametrize("kind", list(PERTURB_KINDS))
+@pytest.mark.parametrize("grad_scale", [None, 65536.0, 3.0, 0.7])
+@pytest.mark.parametrize("sumsq_dtype", [torch.float32, torch.float64])
+def test_perturbation_scale_is_bit_exact(kind, grad_scale, sumsq_dtype):
+    """With w = 0 and g = 1 the perturbed weight *is* the scale (SAM/USAM; for ASAM with
+    eta = 0 the weight 0 gives e = 0, so ASAM uses w = 1, eta = 0 below), so the kernel's
+    scale can be read back and compared bit for bit with torch_ops.perturbation_scale.
+    An fp64 sum of squares (a model with fp64 groups too) makes the torch backend compute
+    the chain in fp64 and round the scale once: so must the kernel."""
+    rho, eps, normalize, eta = PERTURB_KINDS[kind]
+    adaptive = eta is not None
+    w0 = 1.0 if adaptive else 0.0  # ASAM: e = (|1| + eta)^2 * 1 * scale
+    gs = None if grad_scale is None else torch.tensor(grad_scale)
+    mismatches = []
+    for value in _sumsq_values():
+        sumsq = torch.tensor(value, dtype=sumsq_dtype)
+        params, grads = [torch.full((3,), w0)], [torch.ones(3)]
+        p, _ = _run_perturb("cpp", params, grads, sumsq, kind, gs)
+        p_ref, _ = _run_perturb("torch", params, grads, sumsq, kind, gs)
+        if not _same_bits(p[0], p_ref[0]):
+            mismatches.append((value, p[0][0].item(), p_ref[0][0].item()))
+        if not adaptive:
+            spec = torch_ops.perturbation_scale(sumsq, rho, eps, normalize, gs)
+            assert _same_bits(p[0][:1].reshape(()), spec.to(torch.float32)), (value, spec)
+        if not math.isfinite(value):
+            assert _same_bits(p[0], params[0]), "a non-finite sumsq must leave w as it is"
+        elif not adaptive and value > 1e-30:
+            expected = _scale64(value, rho, eps, normalize, grad_scale)
+            assert abs(p[0][0].item() - expected) <= 4 * F32_EPS * abs(expected), value
+    assert not mismatches, mismatches[:5]
+
+
+@pytest.mark.parametrize("rho,eps", [(0.05, 1e-12), (2.0, 1e-3), (0.37, 0.0)])
+def test_sampa_points_scale_is_bit_exact(rho, eps):
+    """sampa_points_ derives the SAM scale (normalize=True) the same way: x = 0, g_y = 1
+    make x~ the scale itself."""
+    for value in _sumsq_values():
+        sumsq = torch.tensor(value)
+        out = {}
+        for backend in ("cpp", "torch"):
+            x, b, y = [torch.zeros(5)], [torch.empty(5)], [torch.empty(5)]
+            ops.sampa_points_(x, [torch.ones(5)], None, b, y, sumsq, rho=rho, eps=eps, lr=0.1,
+                              backend=backend)
+            out[backend] = x[0]
+        assert _same_bits(out["cpp"], out["torch"]), value
+        spec = torch_ops.perturbation_scale(sumsq, rho, eps, True)
+        assert _same_bits(out["cpp"][0].reshape(()), spec), value
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_perturb_skips_on_zero_scale_with_non_finite_grads(device, gen):
-    params = _rand([(9,), (20_000,)], torch.float32, gen, device)
-    grads = _rand([(9,), (20_000,)], torch.float32, gen, device)
-    grads[0][3], grads[1][7] = float("inf"), float("nan")
-    before = _clone(params)
-    ops.perturb_(params, grads, _empty_like(params), torch.tensor(0.0, device=device),
-                 backend=BACKEND[device])
-    for p, q in zip(params, before):
-        assert torch.equal(p, q)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["sam", "usam", "asam"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("grad_scale", [None, 128.0])
+def test_non_finite_sumsq_leaves_the_weights_exactly(device, dtype, kind, bad, grad_scale, gen):
+    """A non-finite sum of squares (an inf/NaN gradient) skips the perturbation: every
+    weight keeps its bits even where g itself is inf or NaN (0 * inf would be NaN), the
+    backups are still written, and sampa_points_ does the same for x~."""
+    shapes = [(9,), (20_000,), (1,), (0,)]
+    params = _rand(shapes, dtype, gen, device)
+    grads = _rand(shapes, dtype, gen, device)
+    grads[0][3], grads[1][7], grads[2][0] = float("inf"), float("nan"), float("-inf")
+    gs = None if grad_scale is None else torch.tensor(grad_scale, device=device)
+    sumsq = torch.tensor(bad, device=device)
+    p, b = _run_perturb(BACKEND[device], params, grads, sumsq, kind, gs)
+    p_ref, _ = _run_perturb("torch", params, grads, sumsq, kind, gs)
+    for i in range(len(shapes)):
+        assert _same_bits(p[i], params[i]) and _same_bits(b[i], params[i])
+        assert _same_bits(p_ref[i], params[i])
+    x, b, y = _clone(params), _empty_like(params), _empty_like(params)
+    ops.sampa_points_(x, grads, None, b, y, sumsq, rho=0.1, eps=1e-12, lr=0.1,
+                      backend=BACKEND[device])
+    for i in range(len(shapes)):
+        assert _same_bits(x[i], params[i]) and _same_bits(b[i], params[i])
+
+
+def test_float64_sumsq_on_float32_groups_matches_torch():
+    """A model with fp64 and fp32 groups has an fp64 global sum of squares: the fp32
+    group's kernel computes the chain in fp64 and rounds the scale to fp32 once, as the
+    torch backend does (checked on values where rounding first would differ)."""
+    gen = torch.Generator().manual_seed(5)
+    params = _rand([(4096,), (7,)], torch.float32, gen)
+    grads = _rand([(4096,), (7,)], torch.float32, gen)
+    for value in [0.123456789123, 7.000000001, 1e-7 + 1e-20, 2.0]:
+        sumsq = torch.tensor(value, dtype=torch.float64)
+        for kind, gs in [("sam", None), ("sam", torch.tensor(2.0 ** 15)), ("usam", None),
+                         ("asam", None)]:
+            p, _ = _run_perturb("cpp", params, grads, sumsq, kind, gs)
+            p_ref, _ = _run_perturb("torch", params, grads, sumsq, kind, gs)
+            assert all(_same_bits(a, b) for a, b in zip(p, p_ref)), (value, kind)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -224,11 +368,12 @@ def test_restore_is_bit_exact(device, dtype, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_lists_are_no_ops(device):
-    torch.ops.sam_fast.perturb_([], [], [], torch.tensor(1.0, device=device), None)
+    torch.ops.sam_fast.perturb_([], [], [], torch.tensor(1.0, device=device), rho=0.05,
+                                eps=1e-12, normalize=True, eta=None, grad_scale=None)
     ops.restore_([], [], backend=BACKEND[device])
     for name, op in _compiled_ops.OPS.items():
         if name != "grad_sumsq":
-            args, kwargs = _opcheck_cases(device)[name]
+            _, args, kwargs = _opcheck_cases(device)[name]
             op(*[[] if isinstance(a, list) else a for a in args], **kwargs)
 
 
@@ -446,22 +591,24 @@ def test_sampa_points(device, dtype, sizes, options, init_buffers, gen):
     params = _rand(shapes, dtype, gen, device)
     grads_y = _rand(shapes, dtype, gen, device)
     bufs = _rand(shapes, dtype, gen, device)
-    scale = torch.tensor(0.21, device=device)
+    sumsq = ops.grad_sumsq(grads_y, backend="torch")
+    rho = 0.21
+    scale = _scale64(sumsq.item(), rho, 1e-12, True)
     out = {}
     for backend in (BACKEND[device], "torch"):
         p, b, y = _clone(params), _empty_like(params), _empty_like(params)
-        ops.sampa_points_(p, grads_y, bufs if opts["momentum"] else None, b, y, scale,
-                          init_buffers=init_buffers, backend=backend, **opts)
+        ops.sampa_points_(p, grads_y, bufs if opts["momentum"] else None, b, y, sumsq, rho=rho,
+                          eps=1e-12, init_buffers=init_buffers, backend=backend, **opts)
         out[backend] = (p, b, y)
     ours, ref = out[BACKEND[device]], out["torch"]
     for i in range(len(shapes)):
         assert torch.equal(ours[1][i], params[i])
         _close(ours[2][i], ref[2][i], dtype)
-        _close(ours[0][i], ref[0][i], dtype)
+        _agrees(device, ours[0][i], ref[0][i], dtype)  # x~: the perturbation, bit for bit
     for i in _oracle_indices(len(shapes)):
         y64, _ = _sgd64(params[i], grads_y[i], bufs[i], init_buffers=init_buffers, **opts)
         _close(ours[2][i], y64, dtype, ulps=8)
-        _close(ours[0][i], _perturb64(params[i], grads_y[i], 0.21, None), dtype, ulps=8)
+        _close(ours[0][i], _perturb64(params[i], grads_y[i], scale, None), dtype, ulps=8)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -549,7 +696,8 @@ def test_mismatched_dtype_is_a_clear_error(device):
         torch.ops.sam_fast.perturb_([torch.zeros(3, device=device)],
                                     [torch.zeros(3, device=device, dtype=torch.half)],
                                     [torch.zeros(3, device=device)],
-                                    torch.tensor(1.0, device=device), None)
+                                    torch.tensor(1.0, device=device), rho=0.05, eps=1e-12,
+                                    normalize=True, eta=None, grad_scale=None)
     with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
         torch.ops.sam_fast.restore_([torch.zeros(3, device=device, dtype=torch.int32)],
                                     [torch.zeros(3, device=device, dtype=torch.int32)])
@@ -567,7 +715,7 @@ def test_float64_groups_use_the_torch_backend(device, gen):
     for backend in (BACKEND[device], "torch"):
         p, b = _clone(params), _empty_like(params)
         ops.perturb_(p, grads, b, torch.tensor(0.3, dtype=torch.float64, device=device),
-                     backend=backend)
+                     rho=0.05, backend=backend)
         out[backend] = p
     assert all(torch.equal(a, b) for a, b in zip(out[BACKEND[device]], out["torch"]))
 
@@ -576,7 +724,8 @@ def test_float64_groups_use_the_torch_backend(device, gen):
 def test_version_counters_of_written_tensors_move(device):
     p, g, b = (torch.zeros(4, device=device) for _ in range(3))
     versions = [t._version for t in (p, g, b)]
-    torch.ops.sam_fast.perturb_([p], [g], [b], torch.tensor(1.0, device=device), None)
+    torch.ops.sam_fast.perturb_([p], [g], [b], torch.tensor(1.0, device=device), rho=0.05,
+                                eps=1e-12, normalize=True, eta=None, grad_scale=None)
     assert p._version > versions[0] and b._version > versions[2]
     assert g._version == versions[1]
 
@@ -594,6 +743,8 @@ def test_refuses_grad_mode_with_tensors_that_require_grad():
 
 
 def _opcheck_cases(device):
+    """name -> (op, args, kwargs): every op once, perturb_ also as ASAM with GradScaler's
+    scale and as USAM (the optional arguments of its schema)."""
     gen = torch.Generator().manual_seed(7)
 
     def r(*shape):
@@ -603,6 +754,7 @@ def _opcheck_cases(device):
         return [r(5), r(2, 3), r(17)][:n]
 
     scale = torch.tensor(0.1, device=device)
+    sumsq = torch.tensor(2.5, device=device)
     found = torch.tensor(0.0, device=device)
     sgd = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True,
                maximize=False, init_buffers=False)
@@ -610,24 +762,48 @@ def _opcheck_cases(device):
                 maximize=False, decoupled_weight_decay=True, grad_scale=None, found_inf=found)
     steps = [torch.tensor(2.0) for _ in range(3)]
     return {
-        "grad_sumsq": ((lists(), lists(), 0.01), {}),
-        "perturb_": ((lists(), lists(), lists(), scale, 0.0), {}),
-        "restore_": ((lists(), lists()), {}),
-        "restore_sgd_": ((lists(), lists(), lists(), lists()),
+        "grad_sumsq": ("grad_sumsq", (lists(), lists(), 0.01), {}),
+        "perturb_": ("perturb_", (lists(), lists(), lists(), sumsq),
+                     dict(rho=0.05, eps=1e-12, normalize=True, eta=None, grad_scale=None)),
+        "perturb_asam_grad_scale": ("perturb_", (lists(), lists(), lists(), sumsq),
+                                    dict(rho=0.5, eps=1e-12, normalize=True, eta=0.01,
+                                         grad_scale=torch.tensor(1024.0, device=device))),
+        "perturb_usam": ("perturb_", (lists(), lists(), lists(), sumsq),
+                         dict(rho=0.05, eps=1e-12, normalize=False, eta=None,
+                              grad_scale=None)),
+        "restore_": ("restore_", (lists(), lists()), {}),
+        "restore_sgd_": ("restore_sgd_", (lists(), lists(), lists(), lists()),
                          dict(sgd, grad_scale=scale, found_inf=found)),
-        "restore_adamw_": ((lists(), lists(), lists(), lists(), [t.abs() for t in lists()],
-                            [t.abs() for t in lists()], steps), adam),
-        "sampa_points_": ((lists(), lists(), lists(), lists(), lists(), scale), sgd),
-        "sampa_update_": ((lists(), lists(), lists(), lists(), lists()), dict(sgd, lam=0.2)),
+        "restore_adamw_": ("restore_adamw_", (lists(), lists(), lists(), lists(),
+                                              [t.abs() for t in lists()],
+                                              [t.abs() for t in lists()], steps), adam),
+        "sampa_points_": ("sampa_points_", (lists(), lists(), lists(), lists(), lists(), sumsq),
+                          dict(sgd, rho=0.05, eps=1e-12)),
+        "sampa_update_": ("sampa_update_", (lists(), lists(), lists(), lists(), lists()),
+                          dict(sgd, lam=0.2)),
     }
 
 
+OPCHECK_CASES = list(_opcheck_cases("cpu"))
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["grad_sumsq", "perturb_", "restore_", "restore_sgd_",
-                                "restore_adamw_", "sampa_points_", "sampa_update_"])
-def test_opcheck(device, op):
-    args, kwargs = _opcheck_cases(device)[op]
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck(device, case):
+    op, args, kwargs = _opcheck_cases(device)[case]
     torch.library.opcheck(getattr(torch.ops.sam_fast, op).default, args, kwargs)
+
+
+def test_op_table_has_the_torch_backend_signatures():
+    """The compiled backends' op table is called exactly like the torch backend's (the
+    specification): same parameters, kinds, defaults and order."""
+    import inspect
+
+    for name, op in _compiled_ops.OPS.items():
+        ours = inspect.signature(op).parameters
+        theirs = inspect.signature(getattr(torch_ops, name)).parameters
+        assert [(p.name, p.kind, p.default) for p in ours.values()] == [
+            (p.name, p.kind, p.default) for p in theirs.values()], name
 
 
 # -- CUDA only: launches that overflow one parameter block ------------------------------------
@@ -647,7 +823,7 @@ def test_cuda_relaunch_for_huge_and_misaligned_tensors(gen):
     out = {}
     for backend in ("cuda", "torch"):
         p, b = _clone(params), _empty_like(params)
-        ops.perturb_(p, grads, b, torch.tensor(0.5, device="cuda"), backend=backend)
+        ops.perturb_(p, grads, b, torch.tensor(0.5, device="cuda"), rho=0.05, backend=backend)
         out[backend] = p
     for a, b in zip(out["cuda"], out["torch"]):
         _close(a, b, torch.float32)

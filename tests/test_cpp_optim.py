@@ -149,14 +149,14 @@ def test_the_compiled_kernels_really_run():
 
 def _fused_sam_update(params, grads, backups, bufs, lr: float, rho: float):
     """A SAM update written directly on the ops, as a compiled training step would."""
-    norm = torch.ops.sam_fast.grad_sumsq(grads, [], 0.0).sqrt()
-    scale = torch.where(torch.isfinite(norm), rho / (norm + 1e-12), torch.zeros_like(norm))
-    torch.ops.sam_fast.perturb_(params, grads, backups, scale, None)
+    sumsq = torch.ops.sam_fast.grad_sumsq(grads, [], 0.0)
+    torch.ops.sam_fast.perturb_(params, grads, backups, sumsq, rho=rho, eps=1e-12,
+                                normalize=True, eta=None, grad_scale=None)
     torch.ops.sam_fast.restore_sgd_(params, backups, grads, bufs, lr=lr, momentum=0.9,
                                     dampening=0.0, weight_decay=5e-4, nesterov=False,
                                     maximize=False, init_buffers=False, grad_scale=None,
                                     found_inf=None)
-    return norm
+    return sumsq.sqrt()
 
 
 @pytest.mark.parametrize("device,compiler", [("cpu", "aot_eager"),

@@ -109,6 +109,33 @@ float host_scalar(const at::Tensor& s, const char* what) {
   return scalar_on(s, at::kCPU, what).item<float>();
 }
 
+// The perturbation's scale (elementwise.h: scale_from_norm), derived on the
+// host from the sum of squares; an fp64 chain is rounded to fp32 at the end,
+// as torch rounds an fp64 0-dim scale when it multiplies fp32 tensors by it.
+//
+// The norm is ATen's sqrt of the sum of squares, not std::sqrt: torch.sqrt on
+// the CPU is not correctly rounded (ATen's CPU kernel calls MKL's vector math,
+// accurate to about an ulp: for 1 in 6 random fp32 inputs it is an ulp away
+// from IEEE sqrt), and the torch backend's norm is torch.sqrt. One tiny op per
+// call (and none for USAM) buys the same bits as the torch backend on every
+// machine, whatever MKL's code path there. The rest of the chain (+, 1/x, *)
+// is IEEE in ATen's CPU kernels as here.
+template <typename Acc>
+Acc scale_on_host(const ScaleInputs& in, double rho, double eps, bool normalize) {
+  const Acc sumsq = *in.sumsq.data_ptr<Acc>();
+  const Acc norm = normalize ? at::sqrt(in.sumsq).item<Acc>() : Acc(0);
+  const Acc* gs = in.grad_scale ? in.grad_scale->data_ptr<Acc>() : nullptr;
+  return scale_from_norm<Acc>(norm, is_finite(sumsq), static_cast<Acc>(rho),
+                              static_cast<Acc>(eps), normalize, gs);
+}
+
+float derive_scale(const at::Tensor& sumsq, double rho, double eps, bool normalize,
+                   const std::optional<at::Tensor>& grad_scale) {
+  const ScaleInputs in = scale_inputs(sumsq, grad_scale, at::kCPU);
+  if (in.is_double) return static_cast<float>(scale_on_host<double>(in, rho, eps, normalize));
+  return scale_on_host<float>(in, rho, eps, normalize);
+}
+
 // ---------------------------------------------------------------------------
 // grad_sumsq: per-chunk partial sums in a fixed lane order, then the partials
 // in chunk order: the same bits for any number of threads.
@@ -181,18 +208,19 @@ void perturb_range(T* __restrict w, const T* __restrict g, T* __restrict b, int6
     const T wi = w[i];
     const float x = ld(wi);
     b[i] = wi;
-    w[i] = st<T>(x + perturbation(x, ld(g[i]), scale, adaptive, has_eta, eta));
+    w[i] = st<T>(perturbed(x, ld(g[i]), scale, adaptive, has_eta, eta));
   }
 }
 
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
-              const at::Tensor& scale, std::optional<double> eta) {
+              const at::Tensor& sumsq, double rho, double eps, bool normalize,
+              std::optional<double> eta, const std::optional<at::Tensor>& grad_scale) {
   FlatLists lists({{"params", params, true, true},
                    {"grads", grads, true, false},
                    {"backups", backups, false, true}},
                   "perturb_");
   if (lists.empty()) return;
-  const float s = host_scalar(scale, "scale");
+  const float s = derive_scale(sumsq, rho, eps, normalize, grad_scale);
   const bool adaptive = eta.has_value();
   const float eta_f = static_cast<float>(eta.value_or(0.0));
   const bool has_eta = adaptive && *eta != 0.0;
@@ -384,14 +412,14 @@ void sampa_points_range(T* __restrict w, const T* __restrict gy, const T* __rest
     const float d = sgd_direction(c, x, g, kReadBuf ? ld(buf[i]) : 0.0f, &unused);
     y[i] = st<T>(x + c.neg_lr * d);
     b[i] = wi;
-    w[i] = st<T>(x + perturbation(x, g, scale, false, false, 0.0f));
+    w[i] = st<T>(perturbed(x, g, scale, false, false, 0.0f));
   }
 }
 
 void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList momentum_buffers,
-                   at::TensorList backups, at::TensorList ys, const at::Tensor& scale, double lr,
-                   double momentum, double dampening, double weight_decay, bool nesterov,
-                   bool maximize, bool init_buffers) {
+                   at::TensorList backups, at::TensorList ys, const at::Tensor& sumsq, double rho,
+                   double eps, double lr, double momentum, double dampening, double weight_decay,
+                   bool nesterov, bool maximize, bool init_buffers) {
   const bool reads_buffers = momentum != 0.0 && !init_buffers;
   TORCH_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
               "sampa_points_: momentum != 0 needs momentum_buffers");
@@ -405,7 +433,7 @@ void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList
   if (lists.empty()) return;
   const SgdCoeffs c = make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov, maximize,
                                       init_buffers);
-  const float s = host_scalar(scale, "scale");
+  const float s = derive_scale(sumsq, rho, eps, /*normalize=*/true, std::nullopt);
   const auto chunks = chunks_of(lists);
   dispatch_storage(lists.dtype(), "sampa_points_", [&](auto tag) {
     using T = decltype(tag);

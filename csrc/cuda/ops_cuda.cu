@@ -4,7 +4,7 @@
 // headers, so every kernel lives here. Each op is one multi-tensor-apply
 // launch (multi_tensor_apply.cuh) over all tensors of a group; the norm adds
 // one tiny cleanup launch. Everything runs on the current stream and reads
-// device scalars (scale, grad_scale, found_inf, step counters) in the kernels,
+// device scalars (sumsq, grad_scale, found_inf, step counters) in the kernels,
 // so no op synchronizes with the host and a whole step can be captured in a
 // CUDA graph. Storage is fp32, fp16 or bf16; math is fp32 (elementwise.h).
 #include <ATen/ATen.h>
@@ -261,34 +261,71 @@ at::Tensor grad_sumsq(at::TensorList grads, at::TensorList params, double eta) {
 // ---------------------------------------------------------------------------
 // perturb_: lists w (read, written), g, backup (written).
 
+// The scale is derived in every thread from the device scalars (a handful of
+// flops after two loads), so no host-launched op chain computes it first.
+struct ScaleArgs {
+  const void* sumsq;       // float, or double with is_double
+  const void* grad_scale;  // same dtype as sumsq; null without GradScaler
+  double rho;
+  double eps;
+  bool normalize;
+  bool is_double;
+
+  __device__ float scale() const {
+    if (is_double) {
+      return static_cast<float>(perturbation_scale<double>(
+          *static_cast<const double*>(sumsq), rho, eps, normalize,
+          static_cast<const double*>(grad_scale)));
+    }
+    return perturbation_scale<float>(*static_cast<const float*>(sumsq), static_cast<float>(rho),
+                                     static_cast<float>(eps), normalize,
+                                     static_cast<const float*>(grad_scale));
+  }
+};
+
+// Keeps the device copies of sumsq / grad_scale alive for the launch.
+struct DeviceScale {
+  ScaleInputs in;
+  ScaleArgs args;
+};
+
+DeviceScale device_scale(const at::Tensor& sumsq, const std::optional<at::Tensor>& grad_scale,
+                         at::Device device, double rho, double eps, bool normalize) {
+  DeviceScale d{scale_inputs(sumsq, grad_scale, device), {}};
+  d.args = {d.in.sumsq.data_ptr(), d.in.grad_scale ? d.in.grad_scale->data_ptr() : nullptr, rho,
+            eps, normalize, d.in.is_double};
+  return d;
+}
+
 struct PerturbOp {
-  const float* scale;
+  ScaleArgs scale;
   bool adaptive;
   bool has_eta;
   float eta;
 
-  __device__ float prepare(NoExtra) const { return *scale; }
+  __device__ float prepare(NoExtra) const { return scale.scale(); }
   __device__ unsigned reads(float) const { return 0b011u; }
   __device__ unsigned writes(float) const { return 0b101u; }
   template <typename T>
   __device__ void apply(T (&e)[3], float s) const {
     const float x = ld(e[0]);
     e[2] = e[0];
-    e[0] = st<T>(x + perturbation(x, ld(e[1]), s, adaptive, has_eta, eta));
+    e[0] = st<T>(perturbed(x, ld(e[1]), s, adaptive, has_eta, eta));
   }
 };
 
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
-              const at::Tensor& scale, std::optional<double> eta) {
+              const at::Tensor& sumsq, double rho, double eps, bool normalize,
+              std::optional<double> eta, const std::optional<at::Tensor>& grad_scale) {
   FlatLists lists({{"params", params, true, true},
                    {"grads", grads, true, false},
                    {"backups", backups, false, true}},
                   "perturb_");
   if (lists.empty()) return;
   const c10::cuda::CUDAGuard guard(lists.device());
-  const at::Tensor s = scalar_on(scale, lists.device(), "scale");
+  const DeviceScale s = device_scale(sumsq, grad_scale, lists.device(), rho, eps, normalize);
   const bool adaptive = eta.has_value();
-  const PerturbOp op{s.data_ptr<float>(), adaptive, adaptive && *eta != 0.0,
+  const PerturbOp op{s.args, adaptive, adaptive && *eta != 0.0,
                      static_cast<float>(eta.value_or(0.0))};
   dispatch_storage(lists.dtype(), "perturb_", [&](auto tag) {
     launch_elementwise<3, decltype(tag), NoExtra>(lists, {}, op);
@@ -535,9 +572,9 @@ void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorLis
 
 struct SampaPointsOp {
   SgdCoeffs c;
-  const float* scale;
+  ScaleArgs scale;
 
-  __device__ float prepare(NoExtra) const { return *scale; }
+  __device__ float prepare(NoExtra) const { return scale.scale(); }
   __device__ unsigned reads(float) const {
     return 0b00011u | (c.has_momentum && !c.init_buffers ? 0b00100u : 0u);
   }
@@ -551,14 +588,14 @@ struct SampaPointsOp {
     const float d = sgd_direction(c, x, g, read_buf ? ld(e[2]) : 0.0f, &unused);
     e[4] = st<T>(x + c.neg_lr * d);
     e[3] = e[0];
-    e[0] = st<T>(x + perturbation(x, g, s, false, false, 0.0f));
+    e[0] = st<T>(perturbed(x, g, s, false, false, 0.0f));
   }
 };
 
 void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList momentum_buffers,
-                   at::TensorList backups, at::TensorList ys, const at::Tensor& scale, double lr,
-                   double momentum, double dampening, double weight_decay, bool nesterov,
-                   bool maximize, bool init_buffers) {
+                   at::TensorList backups, at::TensorList ys, const at::Tensor& sumsq, double rho,
+                   double eps, double lr, double momentum, double dampening, double weight_decay,
+                   bool nesterov, bool maximize, bool init_buffers) {
   const bool reads_buffers = momentum != 0.0 && !init_buffers;
   TORCH_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
               "sampa_points_: momentum != 0 needs momentum_buffers");
@@ -571,10 +608,11 @@ void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList
                   "sampa_points_");
   if (lists.empty()) return;
   const c10::cuda::CUDAGuard guard(lists.device());
-  const at::Tensor s = scalar_on(scale, lists.device(), "scale");
+  const DeviceScale s =
+      device_scale(sumsq, std::nullopt, lists.device(), rho, eps, /*normalize=*/true);
   const SampaPointsOp op{make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov,
                                          maximize, init_buffers),
-                         s.data_ptr<float>()};
+                         s.args};
   dispatch_storage(lists.dtype(), "sampa_points_", [&](auto tag) {
     launch_elementwise<5, decltype(tag), NoExtra>(lists, {}, op);
   });
