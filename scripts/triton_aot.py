@@ -46,6 +46,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -417,6 +418,7 @@ class Enumeration:
     length_dependent: dict[str, list[str]]  # op -> kernels whose launches depend on the length
     contracts: dict[str, str]
     seconds: float
+    cpu: float = 0.0  # CPU seconds of the enumeration's workers
 
     def variants(self, target: str | None = None) -> dict[Variant, list[Launch]]:
         out: dict[Variant, list[Launch]] = defaultdict(list)
@@ -492,6 +494,7 @@ def find_kernels(kernels_pkg: Any) -> dict[str, Any]:
 def _enumerate_job(job: tuple[str, str]) -> tuple:
     """Run one op's matrix for one dtype under a :class:`Recorder` (in a pool worker)."""
     op, dtype = job
+    cpu0 = _cpu()
     tb, torch = load_backend()
     torch.set_num_threads(1)
     recorder = Recorder(TARGETS)
@@ -524,7 +527,7 @@ def _enumerate_job(job: tuple[str, str]) -> tuple:
             for case in cases:
                 run(case, n)
     tb.CACHE.clear()
-    return recorder.launches, errors, calls, dependent, m.contract
+    return recorder.launches, errors, calls, dependent, m.contract, _cpu() - cpu0
 
 
 def enumerate_variants(dtypes: Iterable[str] = DTYPES, only_ops: Iterable[str] | None = None,
@@ -546,7 +549,9 @@ def enumerate_variants(dtypes: Iterable[str] = DTYPES, only_ops: Iterable[str] |
     calls = 0
     length_dependent: dict[str, list[str]] = {}
     contracts: dict[str, str] = {}
-    for (op, _), (l, err, n, dependent, contract) in zip(work, parts):
+    cpu = 0.0
+    for (op, _), (l, err, n, dependent, contract, job_cpu) in zip(work, parts):
+        cpu += job_cpu
         launches += l
         errors += err
         calls += n
@@ -556,7 +561,7 @@ def enumerate_variants(dtypes: Iterable[str] = DTYPES, only_ops: Iterable[str] |
             contracts[op] = contract
     missing = [op for op in tb.OPS if op not in ops] if not only else []
     return Enumeration(launches, errors, calls, find_kernels(tb.kernels), missing,
-                       length_dependent, contracts, time.time() - t0)
+                       length_dependent, contracts, time.time() - t0, cpu)
 
 
 # -- 3. selection: a strength-2 cover -------------------------------------------------------
@@ -629,10 +634,13 @@ class Result:
     shared: int = -1
     loop_widths: tuple[tuple[str, int], ...] = ()  # (ld/st, bytes) of loop global accesses
     tail_widths: tuple[tuple[str, int], ...] = ()
+    spills_in_loop: int = 0  # STL/LDL instructions of the SASS inside a loop (when it spills)
     seconds: float = 0.0
+    cpu: float = 0.0  # CPU seconds of the compile (the worker and its ptxas)
     ttir_hash: str = ""
     shares_with: int = 1  # variants whose TTIR is this one's (--all)
-    problems: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()  # what fails the check
+    known: tuple[str, ...] = ()  # defects covered by KNOWN (reported, not failing)
 
 
 _PTX_ACCESS = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:ld|st)\.global[\w.:]*)\s")
@@ -706,6 +714,38 @@ def _resource_usage(cubin: bytes, tmpdir: str) -> dict[str, int]:
     return found
 
 
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def sass_local_accesses(cubin: bytes, tmpdir: str) -> tuple[int, int]:
+    """(inside loops, outside) counts of the SASS's local-memory accesses (STL/LDL): a
+    loop is the code between a backward branch's target and the branch."""
+    from triton import knobs
+
+    path = os.path.join(tmpdir, f"s{os.getpid()}_{time.monotonic_ns()}.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], check=True,
+                             capture_output=True, text=True).stdout
+    finally:
+        os.remove(path)
+    code = [(int(a, 16), text) for a, text in _SASS.findall(out)]
+    loops = []
+    for addr, text in code:
+        m = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    inside = outside = 0
+    for addr, text in code:
+        if re.search(r"\b(STL|LDL)\b", text):
+            if any(lo <= addr <= hi for lo, hi in loops):
+                inside += 1
+            else:
+                outside += 1
+    return inside, outside
+
+
 def _frontend_ttir(fn: Any, v: Variant, target: Any) -> str:
     """The TTIR of a variant (Triton's frontend and TTIR passes only, as
     ``triton.compile`` starts), for telling identical variants apart cheaply."""
@@ -759,6 +799,7 @@ def compile_variant(v: Variant) -> Result:
     from triton.compiler import ASTSource
 
     t0 = time.time()
+    cpu0 = _cpu()
     fn = _KERNELS[v.name]
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report, printed on stdout
     log = io.StringIO()
@@ -776,7 +817,11 @@ def compile_variant(v: Variant) -> Result:
             found[key] = int(m.group(1))
         usage = _resource_usage(kernel.asm["cubin"], tempfile.gettempdir())
         loop, other = vector_report(kernel.asm["ptx"])
+        in_loop = 0
+        if found["spill_stores"] or found["spill_loads"] or found["stack"] or usage.get("local"):
+            in_loop = sass_local_accesses(kernel.asm["cubin"], tempfile.gettempdir())[0]
         return Result(v, True, regs=usage["reg"], spill_stores=found["spill_stores"],
+                      spills_in_loop=in_loop, cpu=_cpu() - cpu0,
                       spill_loads=found["spill_loads"], stack=max(found["stack"],
                                                                   usage.get("stack", 0)),
                       local=usage.get("local", 0), shared=kernel.metadata.shared,
@@ -784,7 +829,13 @@ def compile_variant(v: Variant) -> Result:
                       seconds=time.time() - t0)
     except Exception as exc:
         return Result(v, False, error=f"{type(exc).__name__}: {exc}"[:2000],
-                      seconds=time.time() - t0)
+                      seconds=time.time() - t0, cpu=_cpu() - cpu0)
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children (ptxas)."""
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF,
+               resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
 
 
 def check(r: Result, reg_budget: int = REG_BUDGET) -> tuple[str, ...]:
@@ -793,7 +844,10 @@ def check(r: Result, reg_budget: int = REG_BUDGET) -> tuple[str, ...]:
         return (f"does not compile: {r.error}",)
     problems = []
     if r.spill_stores or r.spill_loads:
-        problems.append(f"spills ({r.spill_stores} B stored, {r.spill_loads} B loaded)")
+        where = (f"{r.spills_in_loop} local accesses inside a loop" if r.spills_in_loop
+                 else "none inside a loop")
+        problems.append(f"spills ({r.spill_stores} B stored, {r.spill_loads} B loaded; "
+                        f"{where})")
     if r.stack or r.local:
         problems.append(f"local memory (stack {r.stack} B, local {r.local} B)")
     if r.regs > reg_budget:
@@ -806,6 +860,49 @@ def check(r: Result, reg_budget: int = REG_BUDGET) -> tuple[str, ...]:
             problems.append("ALIGNED, but main-loop accesses narrower than 16 bytes: "
                             + ", ".join(narrow))
     return tuple(problems)
+
+
+@dataclasses.dataclass(frozen=True)
+class Known:
+    """A defect of the kernels as they are, found by this check and left to kernels/ to fix:
+    it is reported as KNOWN instead of failing, within ``limit`` (bytes of spill/stack, or
+    registers) and, for spills, only when no local access sits inside a loop. Anything
+    beyond it, and every other defect, fails. ``--no-known`` fails on these too."""
+
+    kernel: str
+    kind: str  # "spill" (spills and the stack frame they need) or "regs"
+    limit: int
+    why: str
+    targets: tuple[str, ...] = ("sm_90", "sm_80")
+    dtypes: tuple[str, ...] = ()  # DT or BITS values; empty: any
+
+    def covers(self, r: Result, problem: str) -> bool:
+        v = r.variant
+        if v.kernel != self.kernel or v.target not in self.targets:
+            return False
+        if self.dtypes and str(v.constexpr("DT", v.constexpr("BITS"))) not in self.dtypes:
+            return False
+        if self.kind == "spill":
+            return (problem.startswith(("spills", "local memory")) and r.spills_in_loop == 0
+                    and max(r.spill_stores, r.spill_loads, r.stack, r.local) <= self.limit)
+        if self.kind == "regs":
+            return problem.endswith(f"> budget {REG_BUDGET}") and r.regs <= self.limit
+        return False
+
+
+KNOWN = (
+    Known("_copy_kernel", "spill", 24, dtypes=("int32",),
+          why="ptxas (12.9 for sm_80, 13.4 for sm_90) unrolls the aligned int32 copy loop 4x "
+              "and parks 16-20 B of loop-invariant values on the stack before it (STL before "
+              "the loop, LDL after it, none inside): once per program, not per element"),
+    Known("_restore_adam_kernel", "spill", 16,
+          why="ptxas spills 4-8 B (once per program, outside the loops) in some variants "
+              "without weight decay, e.g. AMSGRAD with weight_decay an int (i32)"),
+    Known("_restore_adam_kernel", "regs", 136, targets=("sm_90",), dtypes=("fp16", "bf16"),
+          why="the 16-bit variant with every option on (AMSGRAD, device steps, grad_scale, "
+              "found_inf, weight decay) needs 135 registers on sm_90: 3 programs per SM "
+              "instead of 4"),
+)
 
 
 def compile_all(variants: list[Variant], jobs: int, dedupe_ttir: bool) -> list[Result]:
@@ -833,6 +930,15 @@ def compile_all(variants: list[Variant], jobs: int, dedupe_ttir: bool) -> list[R
         r.shares_with = shares.get(r.variant, 1)
         r.problems = check(r)
     return results
+
+
+def triage(results: list[Result], known: Iterable[Known] = KNOWN) -> None:
+    """Move the problems that a :data:`KNOWN` entry covers from ``problems`` to ``known``."""
+    known = tuple(known)
+    for r in results:
+        tolerated = [p for p in r.problems if any(k.covers(r, p) for k in known)]
+        r.known = tuple(tolerated)
+        r.problems = tuple(p for p in r.problems if p not in tolerated)
 
 
 # -- 5. hazards and report ------------------------------------------------------------------
@@ -926,7 +1032,8 @@ def table(results: list[Result]) -> str:
             rows.append((v.kernel, v.target, str(dt), al, v.short(), str(r.regs),
                          f"{r.spill_stores}/{r.spill_loads}", f"{r.stack}/{r.local}",
                          str(r.shared), _widths(r.loop_widths), _widths(r.tail_widths),
-                         f"{r.seconds:.1f}", "FAIL" if r.problems else ""))
+                         f"{r.seconds:.1f}",
+                         "FAIL" if r.problems else "known" if r.known else ""))
         else:
             rows.append((v.kernel, v.target, str(dt), al, v.short(), "-", "-", "-", "-", "-",
                          "-", f"{r.seconds:.1f}", "FAIL"))
@@ -968,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true",
                         help="an op that raises, or a kernel that no op launches, fails the "
                              "check (for CI once perturb_/sampa_points_ have the new contract)")
+    parser.add_argument("--no-known", action="store_true",
+                        help="fail on the defects listed in KNOWN too")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--ops", default="", help="comma-separated ops (default: all)")
@@ -1033,6 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
           f"with {args.jobs} processes")
     t1 = time.time()
     results = compile_all(chosen, args.jobs, dedupe_ttir=args.all)
+    triage(results, () if args.no_known else KNOWN)
     print(f"triton_aot: {len(results)} compiles in {time.time() - t1:.0f}s")
     text = table(results)
     print(text)
@@ -1046,6 +1156,13 @@ def main(argv: list[str] | None = None) -> int:
     for h in found:
         print("  - " + h)
     bad = [r for r in results if r.problems]
+    for k in KNOWN if not args.no_known else ():
+        hits = [r for r in results if any(k.covers(r, p) for p in r.known)]
+        if hits:
+            print(f"KNOWN {k.kernel} ({k.kind} <= {k.limit}) in {len(hits)} compiles, e.g. "
+                  f"{hits[0].variant.target} [{hits[0].variant.short()}] "
+                  f"DT={hits[0].variant.constexpr('DT')}: {'; '.join(hits[0].known)}\n"
+                  f"      why: {k.why}")
     for r in bad:
         print(f"FAIL {r.variant.target} {r.variant.kernel} [{r.variant.short()}] "
               f"DT={r.variant.constexpr('DT')}: {'; '.join(r.problems)}")
@@ -1053,9 +1170,12 @@ def main(argv: list[str] | None = None) -> int:
     for f in fatal:
         print(f"FAIL {f}")
     regs = max((r.regs for r in results if r.ok), default=-1)
+    cpu = _cpu()
+    compile_cpu = sum(r.cpu for r in results)
     print(f"triton_aot: {'OK' if ok else 'FAILED'}: {len(results)} compiles, "
           f"{len(bad)} failing, max {regs} registers (budget {REG_BUDGET}), "
-          f"{time.time() - t0:.0f}s in all")
+          f"{time.time() - t0:.0f}s wall; CPU: {compile_cpu:.0f}s in the compiles, "
+          f"{e.cpu:.0f}s in the enumeration")
     return 0 if ok else 1
 
 
