@@ -72,6 +72,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # much has grown past what an elementwise update needs and must be looked at.
 REG_BUDGET = 128
 
+# The Triton whose JITFunction.run this mirrors (Recorder.variants); others are warned about.
+VERIFIED_TRITON = "3.9"
+_WARNED: list = []
+
 TARGETS = {"sm_90": ("cuda", 90, 32), "sm_80": ("cuda", 80, 32)}
 
 # Constexprs that stay the same in every launch and say nothing about the variant.
@@ -436,7 +440,14 @@ def load_backend() -> tuple[Any, Any]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import torch
+    import triton
     from triton.runtime.jit import JITFunction
+
+    if not triton.__version__.startswith(VERIFIED_TRITON) and not _WARNED:
+        _WARNED.append(True)
+        print(f"triton_aot: warning: Triton {triton.__version__}; the signature mapping "
+              f"(JITFunction.run's binder) was verified against {VERIFIED_TRITON}",
+              file=sys.stderr)
 
     # The kernels of this checkout: an editable install of another checkout maps
     # sam_fast.kernels to its own kernels/ (sam_fast/ has no kernels/ in a source tree).
@@ -1048,9 +1059,9 @@ def table(results: list[Result]) -> str:
 
 def summary(e: Enumeration, selected: list[Variant], results: list[Result]) -> str:
     enumerated = Counter((v.kernel, v.target) for v in e.variants())
-    chosen = Counter((v.kernel, v.target) for v in selected)
+    chosen = Counter((r.variant.kernel, r.variant.target) for r in results)
     lines = [f"{'kernel':26} {'target':6} {'variants':>8} {'compiled':>8} {'max regs':>8} "
-             f"{'spills':>6} {'smem':>6} {'fails':>5}"]
+             f"{'spills':>6} {'smem':>6} {'fails':>5} {'known':>5}"]
     for key in sorted(enumerated):
         rs = [r for r in results if (r.variant.kernel, r.variant.target) == key]
         ok = [r for r in rs if r.ok]
@@ -1059,7 +1070,7 @@ def summary(e: Enumeration, selected: list[Variant], results: list[Result]) -> s
             f"{max((r.regs for r in ok), default=-1):8d} "
             f"{sum(r.spill_stores + r.spill_loads for r in ok):6d} "
             f"{max((r.shared for r in ok), default=-1):6d} "
-            f"{sum(1 for r in rs if r.problems):5d}")
+            f"{sum(1 for r in rs if r.problems):5d} {sum(1 for r in rs if r.known):5d}")
     return "\n".join(lines)
 
 
@@ -1143,7 +1154,10 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.time()
     results = compile_all(chosen, args.jobs, dedupe_ttir=args.all)
     triage(results, () if args.no_known else KNOWN)
-    print(f"triton_aot: {len(results)} compiles in {time.time() - t1:.0f}s")
+    shared = sum(r.shares_with for r in results)
+    print(f"triton_aot: {len(results)} compiles in {time.time() - t1:.0f}s"
+          + (f" (for {shared} variants: those with identical TTIR share one)"
+             if args.all else ""))
     text = table(results)
     print(text)
     if args.table:
