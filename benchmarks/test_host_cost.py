@@ -13,6 +13,8 @@ the same for ``sam_adamw``, and ``sampa_sgd-step`` (one ``SAMPa.step(closure)``;
 closures attach prepared fresh gradients, timed alike for every contender).
 ``python -m sam_fast.bench --host-only`` measures the same interleaved, with ratios.
 On a GPU the tensors are CUDA tensors and no synchronize is timed: the host's time.
+On a machine shared with other jobs, ``--benchmark-timer time.thread_time`` times the
+thread's CPU time instead of the wall time (what the CLI's ratios use).
 """
 
 from __future__ import annotations

@@ -443,7 +443,8 @@ def test_measure_host_reports_every_contender_and_marks_failures():
     for w in host.WORKLOADS:
         ref = rows[w]["reference"]
         assert ref.vs_reference == pytest.approx(1.0)
-        assert ref.repeats == 2 and len(ref.host_samples_s) == 2
+        assert ref.repeats == 2 and len(ref.host_samples_s) == len(ref.host_cpu_samples_s) == 2
+        assert ref.host_cpu_median_s > 0
         ours = rows[w]["sam_fast[torch]"]
         assert ours.error is None and ours.host_median_s > 0 and ours.vs_reference > 0
         assert ours.device_median_s is None and ours.host_bound is None  # CPU: host only
@@ -521,15 +522,17 @@ def test_direct_op_floor_is_the_sam_step():
 
 
 def test_host_table_marks_host_bound_cells():
-    row = dict(contender="c", host_median_s=2e-3, device_median_s=1e-3, host_bound=True,
+    row = dict(contender="c", host_median_s=2e-3, host_cpu_median_s=1.5e-3,
+               device_median_s=1e-3, host_bound=True,
                vs_reference=3.0, vs_floor=1.5, error=None)
-    slow = dict(row, contender="d", host_median_s=1e-4, host_bound=False)
+    slow = dict(row, contender="d", host_median_s=1e-4, host_cpu_median_s=9e-5,
+                host_bound=False)
     bad = dict(contender="e", error="TypeError: x", host_median_s=None)
     cell = {"preset": "p", "device": "cuda:0", "num_tensors": 3, "shapes": "real",
             "numel_per_tensor": None, "workloads": {"sam_sgd": [row, slow, bad]}, "notes": []}
     text = report.host_table(cell, markdown=True)
-    assert "| SAM+SGD | c | 2 ms | 3.00x | 1.50x | 1 ms | HOST |" in text
-    assert "| SAM+SGD | d | 100 us | 3.00x | 1.50x | 1 ms | device |" in text
+    assert "| SAM+SGD | c | 1.5 ms | 2 ms | 3.00x | 1.50x | 1 ms | HOST |" in text
+    assert "| SAM+SGD | d | 90 us | 100 us | 3.00x | 1.50x | 1 ms | device |" in text
     assert "| SAM+SGD | e | failed |" in text
     assert "real shapes" in report.host_cell_title(cell)
 

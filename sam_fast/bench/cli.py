@@ -438,7 +438,8 @@ def run_host(settings: Settings, usable: Sequence[Contender], hp: Hyper,
                     cell_notes.append(reason)
             if why is None:
                 chosen.append(floor)
-            if real and 12 * preset.nbytes(torch.float32) * max(len(chosen), 1) > \
+            # params, two pools, two fresh sets, a temporary; state of up to 4 passes each
+            if real and (6 + 4 * len(chosen)) * preset.nbytes(torch.float32) > \
                     0.9 * torch.cuda.mem_get_info(device)[0]:
                 out["notes"].append(f"{label} skipped: not enough free GPU memory")
                 progress.advance()

@@ -7,7 +7,9 @@ dispatcher, checks, list building, launches. Before every pass the gradients
 are re-created as ``backward()`` leaves them (fresh tensors assigned to
 ``p.grad``, cloned outside the timed region), so nothing keyed on a
 gradient's storage can hit a cache. One whole step is timed per contender,
-interleaved round by round, medians.
+interleaved round by round, medians. Each call's host time is taken twice: wall time
+(``perf_counter``) and the thread's CPU time (``thread_time``); the ratios use the CPU
+time, which a machine shared with other jobs disturbs far less.
 
 Workloads:
 
@@ -366,13 +368,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def host_time(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds the host spends in ``fn``: ``perf_counter`` around the call, the device idle
-    before it and not waited for inside it."""
+def host_time(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Seconds the host spends in ``fn``, the device idle before it and not waited for
+    inside it: (wall time by ``perf_counter``, this thread's CPU time by ``thread_time``).
+
+    The CPU time is what the call itself used of a core: on a machine shared with other
+    jobs it does not count the time the thread waited to be scheduled, which the wall
+    time does (and a short call escapes preemption more often than a long one, which
+    skews wall-time ratios)."""
     _sync(device)
-    start = time.perf_counter_ns()
+    start, cpu = time.perf_counter_ns(), time.thread_time_ns()
     fn()
-    return (time.perf_counter_ns() - start) * 1e-9
+    return (time.perf_counter_ns() - start) * 1e-9, (time.thread_time_ns() - cpu) * 1e-9
 
 
 class DeviceTimer:
@@ -417,17 +424,24 @@ class DeviceTimer:
 
 @dataclass
 class HostRow:
+    """One contender's step. ``host_*``: wall time of the host (perf_counter);
+    ``host_cpu_*``: the thread's CPU time, which the ratios use."""
+
     contender: str
     host_median_s: float | None = None
     host_q1_s: float | None = None
     host_q3_s: float | None = None
     repeats: int = 0
     host_samples_s: list[float] = field(default_factory=list, repr=False)
+    host_cpu_median_s: float | None = None
+    host_cpu_q1_s: float | None = None
+    host_cpu_q3_s: float | None = None
+    host_cpu_samples_s: list[float] = field(default_factory=list, repr=False)
     device_median_s: float | None = None
     device_samples_s: list[float] = field(default_factory=list, repr=False)
-    host_bound: bool | None = None  # GPU only: host time >= device time
-    vs_reference: float | None = None  # reference host time / this one (paired by round)
-    vs_floor: float | None = None  # this host time / the direct-op floor's (paired)
+    host_bound: bool | None = None  # GPU only: host (wall) time >= device time
+    vs_reference: float | None = None  # reference host CPU time / this one (paired by round)
+    vs_floor: float | None = None  # this host CPU time / the direct-op floor's (paired)
     error: str | None = None
 
 
@@ -450,6 +464,7 @@ class _Timed:
     name: str
     runner: Any
     host: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     device: list[float] = field(default_factory=list)
     failed: str | None = None
 
@@ -460,13 +475,14 @@ def _error(e: BaseException) -> str:
 
 def _one_pass(t: _Timed, device: torch.device, dev_timer: DeviceTimer | None,
               timed: bool) -> None:
-    total_host = 0.0
+    total_host = total_cpu = 0.0
     phase_host: dict[str, float] = {}
     for phase in t.runner.phases:
         t.runner.pre(phase)
-        dt = host_time(lambda: t.runner.run(phase), device)
-        phase_host[phase] = dt
-        total_host += dt
+        wall, cpu = host_time(lambda: t.runner.run(phase), device)
+        phase_host[phase] = wall
+        total_host += wall
+        total_cpu += cpu
     if dev_timer is not None:
         total_dev = 0.0
         for phase in t.runner.phases:
@@ -477,6 +493,7 @@ def _one_pass(t: _Timed, device: torch.device, dev_timer: DeviceTimer | None,
             t.device.append(total_dev)
     if timed:
         t.host.append(total_host)
+        t.cpu.append(total_cpu)
 
 
 def measure_host(
@@ -550,16 +567,17 @@ def measure_host(
                 rows.append(HostRow(t.name, error=t.failed or "no samples"))
                 cell.notes.append(f"{t.name} failed while timing {workload}: {t.failed}")
                 continue
-            st = Stats(t.host)
-            row = HostRow(t.name, st.median, st.q1, st.q3, len(t.host), list(t.host))
+            st, sc = Stats(t.host), Stats(t.cpu)
+            row = HostRow(t.name, st.median, st.q1, st.q3, len(t.host), list(t.host),
+                          sc.median, sc.q1, sc.q3, list(t.cpu))
             if t.device:
                 row.device_median_s = statistics.median(t.device)
                 row.device_samples_s = list(t.device)
                 row.host_bound = row.host_median_s >= row.device_median_s
-            if ref is not None and ref.failed is None and ref.host:
-                row.vs_reference = paired_ratio(ref.host, t.host)
-            if floor is not None and floor.failed is None and floor.host:
-                row.vs_floor = paired_ratio(t.host, floor.host)
+            if ref is not None and ref.failed is None and ref.cpu:
+                row.vs_reference = paired_ratio(ref.cpu, t.cpu)
+            if floor is not None and floor.failed is None and floor.cpu:
+                row.vs_floor = paired_ratio(t.cpu, floor.cpu)
             rows.append(row)
         order = [c.name for c in contenders]
         rows.sort(key=lambda row: order.index(row.contender))

@@ -282,20 +282,20 @@ def host_table(cell: dict[str, Any], markdown: bool = False) -> str:
     rows_by_workload = [(w, cell["workloads"][w]) for w in HOST_TITLES if w in cell["workloads"]]
     with_device = any(r.get("device_median_s") is not None
                       for _, rows in rows_by_workload for r in rows)
-    headers = ["workload", "contender", "host", "ref/x", "x/floor"]
+    headers = ["workload", "contender", "host CPU", "host wall", "ref/x", "x/floor"]
     if with_device:
         headers += ["device", "bound by"]
     out = []
     for w, rows in rows_by_workload:
         for r in rows:
             if r.get("error"):
-                line = [HOST_TITLES[w], r["contender"], "failed", "-", "-"]
+                line = [HOST_TITLES[w], r["contender"], "failed", "-", "-", "-"]
                 if with_device:
                     line += ["-", "-"]
                 out.append(line)
                 continue
-            line = [HOST_TITLES[w], r["contender"], fmt_time(r["host_median_s"]),
-                    fmt_ratio(r.get("vs_reference")), fmt_ratio(r.get("vs_floor"))]
+            line = [HOST_TITLES[w], r["contender"], fmt_time(r.get("host_cpu_median_s")),
+                    fmt_time(r["host_median_s"]), fmt_ratio(r.get("vs_reference")), fmt_ratio(r.get("vs_floor"))]
             if with_device:
                 bound = r.get("host_bound")
                 line += [fmt_time(r.get("device_median_s")),
@@ -317,12 +317,13 @@ HOST_EXPLANATION = (
     "Host cost: each preset's number of tensors, 4 elements each (the arithmetic is about "
     "zero, so the time is host work), fresh gradients attached before every pass as "
     "backward() makes them, one whole step (SAM: first_step + second_step; SAMPa: one "
-    "step(closure)), medians of interleaved rounds. \"ref/x\": the reference loop's time over "
-    "the contender's in the same round; \"x/floor\": the contender's over the direct-op "
-    "floor's (torch.ops.sam_fast called directly on the lists: read p.grad, the ops, "
-    "p.grad = None). Real shapes (GPU): host time (no synchronize) beside the device time "
-    "of the same work queued behind a sleep kernel; \"bound by HOST\": host time >= device "
-    "time, the GPU waits for Python.")
+    "step(closure)), medians of interleaved rounds. \"host CPU\": the thread's CPU time in "
+    "the step; \"host wall\": its wall time (it also counts waiting for a core on a busy "
+    "machine). \"ref/x\": the reference loop's CPU time over the contender's in the same "
+    "round; \"x/floor\": the contender's over the direct-op floor's (torch.ops.sam_fast called directly on the lists: read p.grad, the ops, "
+    "p.grad = None). Real shapes (GPU): host wall time (no synchronize) beside the device "
+    "time of the same work queued behind a sleep kernel; \"bound by HOST\": host wall time "
+    ">= device time, the GPU waits for Python.")
 
 
 def e2e_table(e2e: dict[str, Any], markdown: bool = False) -> str:
@@ -342,7 +343,8 @@ def _header_lines(payload: dict[str, Any]) -> list[str]:
     bw = payload.get("copy_bandwidth_bytes_per_s")
     return [
         f"device: {env['device_name']} ({env['device']})",
-        f"copy bandwidth at the start: {fmt_rate(bw)} (dst.copy_(src), read + write)",
+        *([f"copy bandwidth at the start: {fmt_rate(bw)} (dst.copy_(src), read + write)"]
+          if bw else []),
         f"torch {env['torch']}, sam_fast {env['sam_fast']}, commit {commit}, "
         f"pytorch-optimizer {env.get('pytorch_optimizer') or 'not installed'}, "
         f"triton {env.get('triton') or 'not installed'}",
