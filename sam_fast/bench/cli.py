@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--e2e-only", action="store_true", help="only the end-to-end training steps")
     e2e.add_argument("--host-only", action="store_true",
                      help="only the host cost of a step (tiny tensors; on a GPU also the "
-                          "real shapes' host and device time): a minute or two")
+                          "real shapes' host and device time), far quicker than the rest")
     p.add_argument("--no-host", action="store_true", help="skip the host-cost measurement")
     p.add_argument("--warmup", type=int, metavar="N", help="untimed rounds per task")
     p.add_argument("--repeats", type=int, metavar="N", help="least timed rounds per task")
@@ -379,7 +379,8 @@ def run(settings: Settings, notes: list[str]) -> dict:
             payload["cells"].append(cell.to_json())
             progress.advance()
         if settings.host:
-            payload["host"] = run_host(settings, usable, hp, spent, progress)
+            payload["host"] = {}  # filled as it goes: an interrupt keeps what was measured
+            run_host(settings, usable, hp, spent, progress, payload["host"])
         if settings.e2e:
             from .e2e import run_e2e
 
@@ -407,13 +408,14 @@ def run(settings: Settings, notes: list[str]) -> dict:
 
 
 def run_host(settings: Settings, usable: Sequence[Contender], hp: Hyper,
-             spent: Callable[[], float], progress: Progress) -> dict:
-    """The host-cost part (:mod:`sam_fast.bench.host`): per preset, tiny tensors (and on a
-    GPU the real shapes too), every usable contender plus the direct-op floor."""
+             spent: Callable[[], float], progress: Progress, out: dict) -> dict:
+    """The host-cost part (:mod:`sam_fast.bench.host`) into ``out``: per preset, tiny
+    tensors (and on a GPU the real shapes too), every usable contender plus the
+    direct-op floor."""
     device = settings.device
     floor = DirectOpFloor()
-    out: dict = {"numel_per_tensor": HOST_NUMEL, "workloads": list(WORKLOADS),
-                 "floor": floor.description, "cells": [], "notes": []}
+    out.update({"numel_per_tensor": HOST_NUMEL, "workloads": list(WORKLOADS),
+                "floor": floor.description, "cells": [], "notes": []})
     why = floor.unavailable(device, torch.float32)
     if why is not None:
         out["notes"].append(f"{floor.name} not measured: {why}")
