@@ -8,7 +8,8 @@ Not part of the test command (``testpaths = ["tests"]``). Run it with::
 
 Options: ``--sam-presets tiny,resnet18`` (any preset of sam_fast.bench.presets),
 ``--sam-dtypes fp32`` and ``--sam-device auto|cpu|cuda`` choose the cases,
-``--sam-rounds`` the timed rounds per benchmark.
+``--sam-rounds`` the timed rounds per benchmark; ``--sam-host-presets resnet50`` and
+``--sam-host-rounds`` the host-cost cases of test_host_cost.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated dtypes ({', '.join(DTYPES)}); default fp32")
     group.addoption("--sam-device", default="auto", help="auto, cpu or cuda[:N]")
     group.addoption("--sam-rounds", type=int, default=10, help="timed rounds per benchmark")
+    group.addoption("--sam-host-presets", default="resnet50",
+                    help="comma-separated presets whose topology test_host_cost.py times with "
+                         "tiny tensors; default resnet50 (161 tensors)")
+    group.addoption("--sam-host-rounds", type=int, default=200,
+                    help="timed rounds per host-cost benchmark (they are cheap)")
 
 
 def _split(text: str) -> list[str]:
@@ -46,6 +52,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 raise pytest.UsageError(f"--sam-dtypes: unknown {name!r} ({', '.join(DTYPES)})")
         cases = [(p, d) for p in presets for d in dtypes]
         metafunc.parametrize("case", cases, ids=[f"{p}-{d}" for p, d in cases], scope="module")
+    if "host_preset" in metafunc.fixturenames:
+        names = _split(metafunc.config.getoption("--sam-host-presets"))
+        for name in names:
+            if name not in PRESETS:
+                raise pytest.UsageError(
+                    f"--sam-host-presets: unknown {name!r} ({', '.join(PRESETS)})")
+        metafunc.parametrize("host_preset", names, scope="module")
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +70,11 @@ def device(pytestconfig: pytest.Config) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--sam-device cuda: CUDA is not available")
     return device
+
+
+@pytest.fixture(scope="session")
+def host_rounds(pytestconfig: pytest.Config) -> int:
+    return max(1, pytestconfig.getoption("--sam-host-rounds"))
 
 
 @pytest.fixture(scope="session")

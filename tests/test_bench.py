@@ -264,7 +264,8 @@ def test_max_relative_difference():
 def test_cli_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "res"
     code = cli.main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp32,bf16", "--quick",
-                     "--no-e2e", "--compile", "off", "--no-progress", "--backend", "torch",
+                     "--no-e2e", "--no-host", "--compile", "off", "--no-progress",
+                     "--backend", "torch",
                      "--contenders", "reference,pytorch_optimizer,foreach,sam_fast",
                      "--out", str(out)])
     assert code == 0
@@ -290,6 +291,7 @@ def test_cli_smoke_run_writes_json_and_markdown(tmp_path, capsys):
             assert check["peak_extra_bytes"] > 0
     md = (out / "results.md").read_text()
     assert "| contender |" in md and "sam_fast[torch]" in md
+    assert payload["host"] is None  # --no-host
     text = capsys.readouterr().out
     assert "SAM: the optimizer's share of one step" in text
     assert "SAMPa" in text
@@ -342,3 +344,217 @@ def test_plain_progress_line_without_tqdm(monkeypatch):
     bar.advance()
     bar.close()
     assert "[2/2" in stream.getvalue() and "tiny fp32" in stream.getvalue()
+
+
+# -- host cost --------------------------------------------------------------------------------
+
+from sam_fast.bench import host  # noqa: E402
+
+_QUICK = timing.Budget(warmup=1, min_repeats=2, max_repeats=2, max_seconds=0.0)
+
+
+def test_host_only_settings():
+    settings, _ = cli.parse_settings(["--device", "cpu", "--host-only"])
+    assert settings.host and not settings.micro and not settings.e2e
+    assert settings.presets == list(cli.HOST_ONLY_PRESETS)
+    assert settings.host_budget.min_repeats == host.HOST_BUDGET.min_repeats
+    settings, _ = cli.parse_settings(["--device", "cpu", "--e2e-only"])
+    assert not settings.host
+    settings, _ = cli.parse_settings(["--device", "cpu", "--no-host", "--quick"])
+    assert not settings.host and settings.micro
+    settings, _ = cli.parse_settings(["--device", "cpu", "--host-only", "--repeats", "7"])
+    assert settings.host_budget.min_repeats == 7
+
+
+def test_host_only_and_no_host_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_settings(["--device", "cpu", "--host-only", "--no-host"])
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_host_workspace_has_the_topology_with_tiny_tensors():
+    p = presets.PRESETS["resnet50"]
+    ws = host.HostWorkspace(p, torch.device("cpu"))
+    assert len(ws.params) == 161
+    assert all(t.numel() == host.HOST_NUMEL for t in ws.params + ws.g1 + ws.g2)
+    real = host.HostWorkspace(presets.PRESETS["tiny"], torch.device("cpu"), real_shapes=True)
+    assert [tuple(t.shape) for t in real.params] == list(presets.PRESETS["tiny"].shapes)
+
+
+class _RecordingStepper:
+    def __init__(self, params):
+        self.params, self.seen = params, []
+
+    def first_step(self):
+        self.seen.append([p.grad.data_ptr() for p in self.params])
+        for p in self.params:
+            p.grad = None
+
+    second_step = first_step
+
+
+def test_host_runner_attaches_fresh_gradients_before_every_pass():
+    ws = host.HostWorkspace(presets.PRESETS["tiny"], torch.device("cpu"))
+    stepper = _RecordingStepper(ws.params)
+    runner = host.SamHostRunner(ws, stepper)
+    keep = []  # hold the gradients so that their memory cannot be reused
+    for _ in range(2):
+        for phase in runner.phases:
+            runner.pre(phase)
+            keep.append([p.grad for p in ws.params])
+            runner.run(phase)
+    pools = {g.data_ptr() for g in ws.g1 + ws.g2}
+    ptrs = [ptr for step in stepper.seen for ptr in step]
+    assert len(set(ptrs)) == len(ptrs)  # a new tensor every pass
+    assert not pools & set(ptrs)  # never the pools themselves
+
+
+class _Broken(contenders.Contender):
+    name = "broken"
+
+    def sam_stepper(self, params, hp):
+        raise RuntimeError("no step today")
+
+
+def _host_contenders():
+    chosen = [contenders.Reference(), contenders.Foreach(), contenders.SamFast("torch"),
+              _Broken()]
+    floor = host.DirectOpFloor()
+    if floor.unavailable(torch.device("cpu"), torch.float32) is None:
+        chosen.append(floor)
+    return chosen
+
+
+def test_measure_host_reports_every_contender_and_marks_failures():
+    chosen = _host_contenders()
+    cell = host.measure_host(presets.PRESETS["tiny"], torch.device("cpu"), chosen,
+                             contenders.Hyper(), _QUICK)
+    assert cell.num_tensors == 15 and cell.shapes == "tiny" and cell.numel_per_tensor == 4
+    assert set(cell.workloads) == set(host.WORKLOADS)
+    rows = {w: {r.contender: r for r in rs} for w, rs in cell.workloads.items()}
+    for name in ("reference", "foreach", "sam_fast[torch]", "broken"):
+        assert name in rows["sam_sgd"], name
+    assert "foreach" not in rows["sam_adamw"]  # it has no AdamW step
+    assert "foreach" not in rows["sampa_sgd"]
+    assert set(rows["sampa_sgd"]) >= {"reference", "sam_fast[torch]"}
+    broken = rows["sam_sgd"]["broken"]
+    assert broken.error == "RuntimeError: no step today" and broken.host_median_s is None
+    assert any("broken failed on sam_sgd" in n for n in cell.notes)
+    for w in host.WORKLOADS:
+        ref = rows[w]["reference"]
+        assert ref.vs_reference == pytest.approx(1.0)
+        assert ref.repeats == 2 and len(ref.host_samples_s) == len(ref.host_cpu_samples_s) == 2
+        assert ref.host_cpu_median_s > 0
+        ours = rows[w]["sam_fast[torch]"]
+        assert ours.error is None and ours.host_median_s > 0 and ours.vs_reference > 0
+        assert ours.device_median_s is None and ours.host_bound is None  # CPU: host only
+        if host.FLOOR in rows[w] and rows[w][host.FLOOR].error is None:
+            assert rows[w][host.FLOOR].vs_floor == pytest.approx(1.0)
+            assert ours.vs_floor > 0
+    # the order of the rows is the contenders' order
+    assert [r.contender for r in cell.workloads["sam_sgd"]][:3] == [
+        "reference", "foreach", "sam_fast[torch]"]
+
+
+def _closure_from(params, grads):
+    it = iter(grads)
+
+    def closure():
+        for p, g in zip(params, next(it)):
+            p.grad = g.clone()
+        return torch.zeros(())
+
+    return closure
+
+
+def test_reference_sampa_loop_is_sampa():
+    from sam_fast import SAMPa
+
+    torch.manual_seed(0)
+    shapes = [(3, 2), (4,), (1,)]
+    start = [torch.randn(s) for s in shapes]
+    seq = [[torch.randn(s) for s in shapes] for _ in range(9)]
+    hp = contenders.Hyper()
+    ref_params = [torch.nn.Parameter(t.clone()) for t in start]
+    ours_params = [torch.nn.Parameter(t.clone()) for t in start]
+    ref = host.ReferenceSAMPa(ref_params, hp)
+    ours = SAMPa(ours_params, torch.optim.SGD, rho=hp.sampa_rho, lam=hp.lam,
+                 perturb_eps=hp.eps, backend="torch", **hp.sgd_kwargs())
+    # step k's closures: the kept one (batch k-1) at x~, then batch k at y. The
+    # gradient a closure returns here depends only on the call order, alike for both.
+    c_ref, c_ours = _closure_from(ref_params, seq), _closure_from(ours_params, seq)
+    for _ in range(4):
+        ref.step(c_ref)
+        ours.step(c_ours)
+    for a, b in zip(ref_params, ours_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_direct_op_floor_is_the_sam_step():
+    floor = host.DirectOpFloor()
+    if floor.unavailable(torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("no compiled ops here")
+    if not host.new_perturb_contract():
+        pytest.skip("this build's perturb_ takes a precomputed scale (before issue 9)")
+    from sam_fast import SAM
+
+    torch.manual_seed(0)
+    hp = contenders.Hyper()
+    start = [torch.randn(5), torch.randn(2, 3)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(4)]
+    a = [torch.nn.Parameter(t.clone()) for t in start]
+    b = [torch.nn.Parameter(t.clone()) for t in start]
+    fl = floor.sam_stepper(a, hp)
+    ours = SAM(b, torch.optim.SGD, rho=hp.rho, perturb_eps=hp.eps, backend="torch",
+               **hp.sgd_kwargs())
+    for k in range(0, 4, 2):
+        for params, first, second in ((a, fl.first_step, fl.second_step),
+                                      (b, lambda: ours.first_step(zero_grad=True),
+                                       lambda: ours.second_step(zero_grad=True))):
+            for p, g in zip(params, grads[k]):
+                p.grad = g.clone()
+            first()
+            for p, g in zip(params, grads[k + 1]):
+                p.grad = g.clone()
+            second()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_host_table_marks_host_bound_cells():
+    row = dict(contender="c", host_median_s=2e-3, host_cpu_median_s=1.5e-3,
+               device_median_s=1e-3, host_bound=True,
+               vs_reference=3.0, vs_floor=1.5, error=None)
+    slow = dict(row, contender="d", host_median_s=1e-4, host_cpu_median_s=9e-5,
+                host_bound=False)
+    bad = dict(contender="e", error="TypeError: x", host_median_s=None)
+    cell = {"preset": "p", "device": "cuda:0", "num_tensors": 3, "shapes": "real",
+            "numel_per_tensor": None, "workloads": {"sam_sgd": [row, slow, bad]}, "notes": []}
+    text = report.host_table(cell, markdown=True)
+    assert "| SAM+SGD | c | 1.5 ms | 2 ms | 3.00x | 1.50x | 1 ms | HOST |" in text
+    assert "| SAM+SGD | d | 90 us | 100 us | 3.00x | 1.50x | 1 ms | device |" in text
+    assert "| SAM+SGD | e | failed |" in text
+    assert "real shapes" in report.host_cell_title(cell)
+
+
+def test_cli_host_only_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "res"
+    code = cli.main(["--device", "cpu", "--host-only", "--preset", "tiny", "--quick",
+                     "--compile", "off", "--no-progress", "--backend", "torch",
+                     "--contenders", "reference,foreach,sam_fast", "--out", str(out)])
+    assert code == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["cells"] == [] and payload["e2e"] is None
+    hostp = payload["host"]
+    assert hostp["numel_per_tensor"] == host.HOST_NUMEL
+    (cell,) = hostp["cells"]
+    assert cell["preset"] == "tiny" and cell["shapes"] == "tiny"
+    names = {r["contender"] for r in cell["workloads"]["sam_sgd"]}
+    assert {"reference", "foreach", "sam_fast[torch]"} <= names
+    for r in cell["workloads"]["sam_sgd"]:
+        assert r["error"] is None or r["contender"] == host.FLOOR
+        if r["error"] is None:
+            assert r["host_median_s"] > 0 and len(r["host_samples_s"]) == r["repeats"]
+    md = (out / "results.md").read_text()
+    assert "## Host cost of one step" in md and "| SAM+SGD | sam_fast[torch] |" in md
+    assert "host cost: tiny topology" in capsys.readouterr().out

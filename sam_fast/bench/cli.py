@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +24,15 @@ from .contenders import (
     build_contenders,
     interpreted_backend_note,
     sam_fast_backends,
+)
+from .host import (
+    HOST_BUDGET,
+    HOST_NUMEL,
+    QUICK_HOST_BUDGET,
+    WORKLOADS,
+    DirectOpFloor,
+    measure_host,
+    new_perturb_contract,
 )
 from .micro import TASKS, run_cell
 from .presets import DEFAULT_DTYPES, DTYPES, PRESETS, default_presets, format_count
@@ -44,12 +53,22 @@ COMPILE_BUDGET_S = 120.0
 # is added where the workspace has several copies).
 DEFAULT_BUDGET = {"cuda": (3, 20, 200, 3.0), "cpu": (0, 5, 30, 2.0)}
 QUICK_BUDGET = (1, 3, 3, 0.0)
+# --host-only without --preset: every real model's topology (tiny tensors make them cheap)
+HOST_ONLY_PRESETS = ("resnet50", "vit_b16", "gpt2_medium", "many_small", "huge")
 
 EPILOG = f"""
 what is timed: the optimizer's share of a SAM step (norm, perturbation, restore, base
 step: everything but forward/backward) per phase and in total, and SAMPa's two fused
 updates, for each contender on the same tensors in one process, interleaved round by
 round. GPU: CUDA events after warm-up; CPU: a monotonic clock; medians.
+
+host cost: per preset, the same number of tensors with {HOST_NUMEL} elements each (the
+arithmetic is about zero: the time is host work), fresh gradients attached before every
+pass as backward() makes them, one whole step per contender (SAM + SGD, SAM + AdamW,
+SAMPa + SGD step(closure)), interleaved, medians; next to the contenders the direct-op
+floor (torch.ops.sam_fast called directly on the lists). On a GPU also on the preset's
+real shapes: host time (no synchronize) beside the device time, host-bound cells marked.
+--host-only runs only that part (default presets then: {', '.join(HOST_ONLY_PRESETS)}).
 
 contenders: reference (per-parameter loop, davda54/sam), pytorch_optimizer (its SAM;
 skipped if not installed), foreach (torch._foreach_*), compile (torch.compile of the
@@ -79,7 +98,9 @@ class Settings:
     tasks: list[str]
     micro: bool
     e2e: bool
+    host: bool
     budget: Budget
+    host_budget: Budget
     out: Path | None
     progress: bool
     seed: int
@@ -122,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = p.add_mutually_exclusive_group()
     e2e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training steps")
     e2e.add_argument("--e2e-only", action="store_true", help="only the end-to-end training steps")
+    e2e.add_argument("--host-only", action="store_true",
+                     help="only the host cost of a step (tiny tensors; on a GPU also the "
+                          "real shapes' host and device time), far quicker than the rest")
+    p.add_argument("--no-host", action="store_true", help="skip the host-cost measurement")
     p.add_argument("--warmup", type=int, metavar="N", help="untimed rounds per task")
     p.add_argument("--repeats", type=int, metavar="N", help="least timed rounds per task")
     p.add_argument("--max-repeats", type=int, metavar="N", help="most timed rounds per task")
@@ -180,7 +205,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, list[st
     notes: list[str] = []
     device = _device(parser, args.device)
 
-    presets = _split(args.preset) or list(default_presets(device.type))
+    if args.host_only and args.no_host:
+        parser.error("--host-only and --no-host exclude each other")
+    presets = _split(args.preset) or list(
+        HOST_ONLY_PRESETS if args.host_only else default_presets(device.type))
     presets = _choose(parser, "--preset", presets, list(PRESETS), all_means=list(PRESETS))
     dtypes = _choose(parser, "--dtype", _split(args.dtype) or list(DEFAULT_DTYPES), list(DTYPES))
     contenders = _choose(parser, "--contenders", _split(args.contenders) or list(CONTENDER_NAMES),
@@ -225,11 +253,22 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, list[st
     max_rep = max(args.max_repeats if args.max_repeats is not None else max_rep, min_rep)
     max_time = args.max_time if args.max_time is not None else max_time
     budget = Budget(warmup=warmup, min_repeats=min_rep, max_repeats=max_rep, max_seconds=max_time)
+    # The host-cost rounds are cheap: their own defaults, the same overrides.
+    hb = QUICK_HOST_BUDGET if args.quick else HOST_BUDGET
+    h_min = args.repeats if args.repeats is not None else hb.min_repeats
+    host_budget = Budget(
+        warmup=args.warmup if args.warmup is not None else hb.warmup, min_repeats=h_min,
+        max_repeats=max(args.max_repeats if args.max_repeats is not None else hb.max_repeats,
+                        h_min),
+        max_seconds=args.max_time if args.max_time is not None else hb.max_seconds)
 
     settings = Settings(device=device, presets=presets, dtypes=dtypes, contenders=contenders,
                         backends=backends, compile=args.compile,
                         compile_budget=args.compile_budget, tasks=tasks,
-                        micro=not args.e2e_only, e2e=not args.no_e2e, budget=budget, out=args.out,
+                        micro=not (args.e2e_only or args.host_only),
+                        e2e=not (args.no_e2e or args.host_only),
+                        host=not (args.e2e_only or args.no_host), budget=budget,
+                        host_budget=host_budget, out=args.out,
                         progress=not args.no_progress, seed=args.seed)
     if args.list:
         print(list_everything(device))
@@ -292,24 +331,32 @@ def run(settings: Settings, notes: list[str]) -> dict:
         return sum(getattr(c, "compile_seconds", 0.0) for c in usable)
 
     cells = [(p, d) for p in settings.presets for d in settings.dtypes] if settings.micro else []
-    progress = Progress(len(cells) + 2 * settings.e2e + 1, enabled=settings.progress)
+    host_kinds = [False, True] if device.type == "cuda" else [False]
+    host_steps = len(settings.presets) * len(host_kinds) if settings.host else 0
+    progress = Progress(len(cells) + 2 * settings.e2e + host_steps
+                        + (settings.micro or settings.e2e),
+                        enabled=settings.progress)
     payload: dict = {
         "schema": 1,
         "environment": report.environment(device),
         "settings": {**{k: v for k, v in asdict(settings).items() if k not in ("device", "out",
-                                                                                 "budget")},
+                                                                                 "budget",
+                                                                                 "host_budget")},
                      "device": str(device), "budget": asdict(settings.budget),
+                     "host_budget": asdict(settings.host_budget),
                      "hyper": asdict(hp)},
         "contenders": {c.name: c.description for c in contenders},
         "byte_model_passes": dict(traffic.PASSES),
         "cells": [],
+        "host": None,
         "e2e": None,
         "notes": notes,
     }
     try:
-        progress.label("copy bandwidth")
-        payload["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device, timer)
-        progress.advance()
+        if settings.micro or settings.e2e:
+            progress.label("copy bandwidth")
+            payload["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device, timer)
+            progress.advance()
         for preset_name, dtype_name in cells:
             preset, dtype = PRESETS[preset_name], DTYPES[dtype_name]
             progress.label(f"{preset_name} {dtype_name}")
@@ -331,6 +378,9 @@ def run(settings: Settings, notes: list[str]) -> dict:
             cell.notes[:0] = cell_notes
             payload["cells"].append(cell.to_json())
             progress.advance()
+        if settings.host:
+            payload["host"] = {}  # filled as it goes: an interrupt keeps what was measured
+            run_host(settings, usable, hp, spent, progress, payload["host"])
         if settings.e2e:
             from .e2e import run_e2e
 
@@ -355,6 +405,53 @@ def run(settings: Settings, notes: list[str]) -> dict:
     payload["environment"]["load_average_after"] = report.load_average()
     notes.extend(report.noise_notes(payload))
     return payload
+
+
+def run_host(settings: Settings, usable: Sequence[Contender], hp: Hyper,
+             spent: Callable[[], float], progress: Progress, out: dict) -> dict:
+    """The host-cost part (:mod:`sam_fast.bench.host`) into ``out``: per preset, tiny
+    tensors (and on a GPU the real shapes too), every usable contender plus the
+    direct-op floor."""
+    device = settings.device
+    floor = DirectOpFloor()
+    out.update({"numel_per_tensor": HOST_NUMEL, "workloads": list(WORKLOADS),
+                "floor": floor.description, "cells": [], "notes": []})
+    why = floor.unavailable(device, torch.float32)
+    if why is not None:
+        out["notes"].append(f"{floor.name} not measured: {why}")
+    elif not new_perturb_contract():
+        out["notes"].append(
+            f"{floor.name}: this build's perturb_ / sampa_points_ take a precomputed scale "
+            "(the schema before issue 9's contract): the floor passes a device scalar made "
+            "once, so it leaves out the scale's computation")
+    kinds = [False, True] if device.type == "cuda" else [False]
+    for preset_name in settings.presets:
+        preset = PRESETS[preset_name]
+        for real in kinds:
+            label = f"host {preset_name}" + (" (real shapes)" if real else "")
+            progress.label(label)
+            chosen, cell_notes = [], []
+            for c in usable:
+                reason = (_compile_allowed(settings, "fp32", preset.num_tensors, spent())
+                          if c.compiles else None)
+                if reason is None:
+                    chosen.append(c)
+                else:
+                    cell_notes.append(reason)
+            if why is None:
+                chosen.append(floor)
+            # params, two pools, two fresh sets, a temporary; state of up to 4 passes each
+            if real and (6 + 4 * len(chosen)) * preset.nbytes(torch.float32) > \
+                    0.9 * torch.cuda.mem_get_info(device)[0]:
+                out["notes"].append(f"{label} skipped: not enough free GPU memory")
+                progress.advance()
+                continue
+            cell = measure_host(preset, device, chosen, hp, settings.host_budget,
+                                real_shapes=real, status=progress.status, seed=settings.seed)
+            cell.notes[:0] = cell_notes
+            out["cells"].append(cell.to_json())
+            progress.advance()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,8 +45,14 @@ class Hyper:
     sampa_rho: float = 0.1  # the SAMPa paper's defaults
     lam: float = 0.2
 
+    adamw_lr: float = 1e-3  # torch.optim.AdamW's defaults but for the weight decay
+    adamw_weight_decay: float = 0.05
+
     def sgd_kwargs(self) -> dict[str, float]:
         return dict(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def adamw_kwargs(self) -> dict[str, float]:
+        return dict(lr=self.adamw_lr, weight_decay=self.adamw_weight_decay)
 
 
 class Workspace:
@@ -183,6 +189,10 @@ class Contender:
         """A SAMPa optimizer with ``step(closure)`` for the end-to-end runs."""
         return None
 
+    def sam_adamw_stepper(self, params: Sequence[Tensor], hp: Hyper) -> SamStepper | None:
+        """SAM around ``torch.optim.AdamW`` (the host-cost benchmark's second base)."""
+        return None
+
     def reset(self) -> None:
         """Forget per-shape caches (compiled graphs) before a new parameter set."""
 
@@ -191,9 +201,10 @@ class Contender:
 
 
 class _ReferenceStepper:
-    def __init__(self, params: Sequence[Tensor], hp: Hyper) -> None:
-        self.opt = ReferenceSAM(list(params), torch.optim.SGD, rho=hp.rho, perturb_eps=hp.eps,
-                                **hp.sgd_kwargs())
+    def __init__(self, params: Sequence[Tensor], hp: Hyper, adamw: bool = False) -> None:
+        base, kwargs = ((torch.optim.AdamW, hp.adamw_kwargs()) if adamw
+                        else (torch.optim.SGD, hp.sgd_kwargs()))
+        self.opt = ReferenceSAM(list(params), base, rho=hp.rho, perturb_eps=hp.eps, **kwargs)
 
     def first_step(self) -> None:
         self.opt.first_step()  # zeroes the gradients itself, as the reference does
@@ -243,6 +254,9 @@ class Reference(Contender):
     def sam_stepper(self, params, hp):
         return _ReferenceStepper(params, hp)
 
+    def sam_adamw_stepper(self, params, hp):
+        return _ReferenceStepper(params, hp, adamw=True)
+
     def sampa_ops(self, ws, hp):
         return _ReferenceSampa(ws, hp)
 
@@ -254,10 +268,12 @@ class Reference(Contender):
 
 
 class _PeerStepper:
-    def __init__(self, cls: type, params: Sequence[Tensor], hp: Hyper) -> None:
+    def __init__(self, cls: type, params: Sequence[Tensor], hp: Hyper, adamw: bool = False
+                 ) -> None:
+        base, kwargs = ((torch.optim.AdamW, hp.adamw_kwargs()) if adamw
+                        else (torch.optim.SGD, hp.sgd_kwargs()))
         # The published defaults (foreach only on CUDA, per its own rule).
-        self.opt = cls(list(params), torch.optim.SGD, rho=hp.rho, perturb_eps=hp.eps,
-                       **hp.sgd_kwargs())
+        self.opt = cls(list(params), base, rho=hp.rho, perturb_eps=hp.eps, **kwargs)
 
     def first_step(self) -> None:
         self.opt.first_step(zero_grad=True)
@@ -289,6 +305,9 @@ class PytorchOptimizer(Contender):
 
     def sam_stepper(self, params, hp):
         return _PeerStepper(self._sam, params, hp)
+
+    def sam_adamw_stepper(self, params, hp):
+        return _PeerStepper(self._sam, params, hp, adamw=True)
 
     def norm_fn(self, params):
         try:
@@ -471,11 +490,14 @@ class Compiled(Foreach):
 
 
 class _SamFastStepper:
-    def __init__(self, params: Sequence[Tensor], hp: Hyper, backend: str) -> None:
+    def __init__(self, params: Sequence[Tensor], hp: Hyper, backend: str, adamw: bool = False
+                 ) -> None:
         from ..sam import SAM
 
-        self.opt = SAM(list(params), torch.optim.SGD, rho=hp.rho, perturb_eps=hp.eps,
-                       backend=backend, **hp.sgd_kwargs())
+        base, kwargs = ((torch.optim.AdamW, hp.adamw_kwargs()) if adamw
+                        else (torch.optim.SGD, hp.sgd_kwargs()))
+        self.opt = SAM(list(params), base, rho=hp.rho, perturb_eps=hp.eps, backend=backend,
+                       **kwargs)
 
     def first_step(self) -> None:
         self.opt.first_step(zero_grad=True)
@@ -516,6 +538,9 @@ class SamFast(Contender):
 
     def sam_stepper(self, params, hp):
         return _SamFastStepper(params, hp, self.backend)
+
+    def sam_adamw_stepper(self, params, hp):
+        return _SamFastStepper(params, hp, self.backend, adamw=True)
 
     def sampa_ops(self, ws, hp):
         return _SamFastSampa(ws, hp, self.backend)

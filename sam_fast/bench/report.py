@@ -262,6 +262,70 @@ def cell_tables(cell: dict[str, Any], markdown: bool = False) -> str:
     return "\n\n".join(out)
 
 
+HOST_TITLES = {
+    "sam_sgd": "SAM+SGD",
+    "sam_adamw": "SAM+AdamW",
+    "sampa_sgd": "SAMPa+SGD",
+}
+
+
+def host_cell_title(cell: dict[str, Any]) -> str:
+    what = (f"{cell['num_tensors']} tensors of {cell['numel_per_tensor']} elements"
+            if cell["shapes"] == "tiny" else f"{cell['num_tensors']} tensors, real shapes")
+    return f"host cost: {cell['preset']} topology ({what}) on {cell['device']}"
+
+
+def host_table(cell: dict[str, Any], markdown: bool = False) -> str:
+    """One host-cost cell: per workload and contender the host time and its ratios to the
+    reference loop and the direct-op floor; with device times (GPU) the device time too and
+    what bounds the step."""
+    rows_by_workload = [(w, cell["workloads"][w]) for w in HOST_TITLES if w in cell["workloads"]]
+    with_device = any(r.get("device_median_s") is not None
+                      for _, rows in rows_by_workload for r in rows)
+    headers = ["workload", "contender", "host CPU", "host wall", "ref/x", "x/floor"]
+    if with_device:
+        headers += ["device", "bound by"]
+    out = []
+    for w, rows in rows_by_workload:
+        for r in rows:
+            if r.get("error"):
+                line = [HOST_TITLES[w], r["contender"], "failed", "-", "-", "-"]
+                if with_device:
+                    line += ["-", "-"]
+                out.append(line)
+                continue
+            line = [HOST_TITLES[w], r["contender"], fmt_time(r.get("host_cpu_median_s")),
+                    fmt_time(r["host_median_s"]), fmt_ratio(r.get("vs_reference")), fmt_ratio(r.get("vs_floor"))]
+            if with_device:
+                bound = r.get("host_bound")
+                line += [fmt_time(r.get("device_median_s")),
+                         "-" if bound is None else ("HOST" if bound else "device")]
+            out.append(line)
+    return table(headers, out, markdown)
+
+
+def host_tables(host: dict[str, Any], markdown: bool = False) -> str:
+    out = []
+    for cell in host.get("cells", []):
+        title = host_cell_title(cell)
+        body = host_table(cell, markdown)
+        out.append(f"**{title}**\n\n{body}" if markdown else f"{title}\n{body}")
+    return "\n\n".join(out)
+
+
+HOST_EXPLANATION = (
+    "Host cost: each preset's number of tensors, 4 elements each (the arithmetic is about "
+    "zero, so the time is host work), fresh gradients attached before every pass as "
+    "backward() makes them, one whole step (SAM: first_step + second_step; SAMPa: one "
+    "step(closure)), medians of interleaved rounds. \"host CPU\": the thread's CPU time in "
+    "the step; \"host wall\": its wall time (it also counts waiting for a core on a busy "
+    "machine). \"ref/x\": the reference loop's CPU time over the contender's in the same "
+    "round; \"x/floor\": the contender's over the direct-op floor's (torch.ops.sam_fast called directly on the lists: read p.grad, the ops, "
+    "p.grad = None). Real shapes (GPU): host wall time (no synchronize) beside the device "
+    "time of the same work queued behind a sleep kernel; \"bound by HOST\": host wall time "
+    ">= device time, the GPU waits for Python.")
+
+
 def e2e_table(e2e: dict[str, Any], markdown: bool = False) -> str:
     rows = [[r["model"], r["optimizer"], r["contender"], fmt_time(r["median_s"]),
              "-" if r["ratio_to_sgd"] is None else f"{r['ratio_to_sgd']:.2f}"]
@@ -279,7 +343,8 @@ def _header_lines(payload: dict[str, Any]) -> list[str]:
     bw = payload.get("copy_bandwidth_bytes_per_s")
     return [
         f"device: {env['device_name']} ({env['device']})",
-        f"copy bandwidth at the start: {fmt_rate(bw)} (dst.copy_(src), read + write)",
+        *([f"copy bandwidth at the start: {fmt_rate(bw)} (dst.copy_(src), read + write)"]
+          if bw else []),
         f"torch {env['torch']}, sam_fast {env['sam_fast']}, commit {commit}, "
         f"pytorch-optimizer {env.get('pytorch_optimizer') or 'not installed'}, "
         f"triton {env.get('triton') or 'not installed'}",
@@ -295,6 +360,10 @@ def render_console(payload: dict[str, Any]) -> str:
             parts.append(f"skipped: {cell['skipped']}\n")
             continue
         parts.append(cell_tables(cell))
+        parts.append("")
+    if (payload.get("host") or {}).get("cells"):
+        parts.append("== " + "host cost of one step (tiny tensors: the time is host work) ==")
+        parts.append(host_tables(payload["host"]))
         parts.append("")
     if payload.get("e2e"):
         parts.append("== end to end: training step time relative to SGD's (about 2.00 = "
@@ -314,6 +383,11 @@ def all_notes(payload: dict[str, Any]) -> list[str]:
         tag = f"{cell['preset']}/{cell['dtype']}"
         if cell.get("skipped"):
             notes.append(f"{tag} skipped: {cell['skipped']}")
+        notes += [f"{tag}: {n}" for n in cell.get("notes", [])]
+    host = payload.get("host") or {}
+    notes += host.get("notes", [])
+    for cell in host.get("cells", []):
+        tag = f"host {cell['preset']} ({cell['shapes']} tensors)"
         notes += [f"{tag}: {n}" for n in cell.get("notes", [])]
     if payload.get("e2e"):
         notes += payload["e2e"].get("notes", [])
@@ -337,6 +411,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
             out += [f"Skipped: {cell['skipped']}", ""]
             continue
         out += [cell_tables(cell, markdown=True), ""]
+    if (payload.get("host") or {}).get("cells"):
+        out += ["## Host cost of one step", "", HOST_EXPLANATION, "",
+                host_tables(payload["host"], markdown=True), ""]
     if payload.get("e2e"):
         e2e = payload["e2e"]
         out += ["## End to end", "",
