@@ -145,10 +145,16 @@ def restore_sgd_step(opt: Optimizer, group: dict, bucket: Bucket, grads: Sequenc
         bufs_all = cache["momentum_buffer"] = [opt.state[p].get("momentum_buffer")
                                                for p in bucket.params]
         cache["momentum_mismatch"] = _mismatched(bufs_all, bucket.tensors)
-    bufs = _pick(bufs_all, idx) if idx is not None else bufs_all
     if cache["momentum_mismatch"]:
         impl = dispatch.lookup("restore_sgd_", "torch", bucket.device)
+    if idx is None and cache.get("momentum_complete"):  # the steady state
+        impl(tensors, backups, grads, bufs_all, init_buffers=False,
+             grad_scale=grad_scale, found_inf=found_inf, **options)
+        return
+    bufs = _pick(bufs_all, idx) if idx is not None else bufs_all
     if all(b is not None for b in bufs):
+        if idx is None:
+            cache["momentum_complete"] = True
         impl(tensors, backups, list(grads), bufs, init_buffers=False, grad_scale=grad_scale,
              found_inf=found_inf, **options)
         return

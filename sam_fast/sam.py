@@ -98,7 +98,6 @@ class SAM(SharpnessOptimizer):
     # -- the algorithm ---------------------------------------------------------------------
 
     @_eager
-    @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
         """Save ``w`` and move to ``w + e(w)`` along the current gradients.
 
@@ -187,7 +186,6 @@ class SAM(SharpnessOptimizer):
         return torch.stack([t.to(current.home, acc_dtype) for t in sums]).sum()
 
     @_eager
-    @torch.no_grad()
     def restore(self) -> None:
         """Put back the weights saved by :meth:`first_step` without stepping.
 
@@ -205,7 +203,6 @@ class SAM(SharpnessOptimizer):
         state.perturbed = None
 
     @_eager
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Go back to ``w`` bit for bit, then take the base optimizer's step with the
         gradients at ``w + e(w)``.
@@ -275,7 +272,6 @@ class SAM(SharpnessOptimizer):
         self._base_step_on(groups)
 
     @_eager
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SAM step with a closure that does a forward/backward pass and returns the loss.
 

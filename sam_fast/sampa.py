@@ -161,7 +161,6 @@ class SAMPa(SharpnessOptimizer):
     # -- the step ----------------------------------------------------------------------------
 
     @_eager
-    @torch.no_grad()
     def step(self, closure: Closure | None = None, previous_closure: Closure | None = None) -> Any:
         """One SAMPa call (see the class docstring); returns the loss of ``closure`` at y.
 
