@@ -38,10 +38,12 @@ values, so a hit is always valid: the key is all the content.
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
+from functools import reduce
+from operator import attrgetter, or_
 from typing import Any
 
 import torch
@@ -130,6 +132,11 @@ def block_map_values(numels: Sequence[int], chunk: int = CHUNK) -> list[int]:
     return index + starts + counts
 
 
+def aligned(addresses: Sequence[int]) -> bool:
+    """Every address a multiple of :data:`ALIGNMENT` (a power of two): their OR is."""
+    return reduce(or_, addresses, 0) % ALIGNMENT == 0
+
+
 def capturing(device: torch.device) -> bool:
     """Whether work issued now on ``device`` is being captured into a CUDA graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -195,7 +202,9 @@ def upload(values: Sequence[int], device: torch.device, staging: CaptureStaging 
     pinned buffer can be dropped at once: PyTorch's host allocator records the
     copy's event and does not reuse the block before the copy has run.
     """
-    host = torch.tensor(values, dtype=torch.int64)
+    # Through an array: a quarter of torch.tensor(list)'s host time for a row.
+    host = (torch.frombuffer(array("q", values), dtype=torch.int64) if len(values)
+            else torch.empty(0, dtype=torch.int64))  # (frombuffer refuses an empty buffer)
     if device.type != "cuda":
         return (host if device.type == "cpu" else host.to(device)), None
     assert staging is not None
@@ -236,11 +245,14 @@ class Plan:
     """How one call's positions are served: the kernels take ``kernel``, the torch
     backend takes ``other`` (tensors the kernels cannot address as one dense run:
     see :func:`dense_strides`, or a dtype that differs from the group's).
-    ``numels`` are the sizes of the kernel positions (the block map's key)."""
+    ``numels`` are the sizes of the kernel positions (the block map's key), computed
+    once here with their block count, not on every call."""
 
     kernel: tuple[int, ...]
     other: tuple[int, ...]
     numels: tuple[int, ...]
+    n_blocks: int
+    """Blocks over the kernel positions (0: nothing to launch)."""
 
 
 def layout_key(lists: Sequence[Sequence[Tensor]], numels: tuple[int, ...]) -> tuple:
@@ -257,7 +269,7 @@ def layout_key(lists: Sequence[Sequence[Tensor]], numels: tuple[int, ...]) -> tu
 
 
 def make_plan(lists: Sequence[Sequence[Tensor]], n_elementwise: int, dtype: torch.dtype,
-              numels: tuple[int, ...]) -> Plan:
+              numels: tuple[int, ...], chunk: int = CHUNK) -> Plan:
     """Split positions by whether the kernels can serve them.
 
     ``lists[:n_elementwise]`` are the elementwise operands (same shape at each
@@ -276,8 +288,9 @@ def make_plan(lists: Sequence[Sequence[Tensor]], n_elementwise: int, dtype: torc
             layout = dense_strides(lead)
             ok = layout is not None and all(dense_strides(t) == layout for t in tensors)
         (kernel if ok else other).append(i)
-    return Plan(kernel=tuple(kernel), other=tuple(other),
-                numels=tuple(numels[i] for i in kernel))
+    kernel_numels = tuple(numels[i] for i in kernel)
+    return Plan(kernel=tuple(kernel), other=tuple(other), numels=kernel_numels,
+                n_blocks=sum(-(-n // chunk) for n in kernel_numels))
 
 
 # -- the cache -------------------------------------------------------------------------------
@@ -369,19 +382,16 @@ class TableCache:
             self.nbytes -= old.nbytes
 
     def block_map(self, numels: tuple[int, ...], device: torch.device, captured: bool,
-                  chunk: int = CHUNK) -> BlockMap | None:
-        """The block map over tensors of these sizes; None when there is no element."""
-        n_blocks = sum(-(-n // chunk) for n in numels)
-        if n_blocks == 0:
-            return None
+                  chunk: int = CHUNK) -> BlockMap:
+        """The block map over tensors of these sizes (at least one element in all)."""
         return self._get(("blocks", device, chunk, numels),
                          lambda: block_map_values(numels, chunk), device, captured,
-                         lambda tensor: BlockMap(tensor, n_blocks))
+                         lambda tensor: BlockMap(tensor, tensor.numel() // 3))
 
     def row(self, addresses: tuple[int, ...], device: torch.device, captured: bool) -> Row:
         """The address row holding ``addresses``."""
         return self._get(("row", device, addresses), lambda: addresses, device, captured,
-                         lambda tensor: Row(tensor, all(a % ALIGNMENT == 0 for a in addresses)))
+                         lambda tensor: Row(tensor, aligned(addresses)))
 
     def plan(self, lists: Sequence[Sequence[Tensor]], n_elementwise: int, dtype: torch.dtype,
              device: torch.device) -> Plan:
@@ -410,12 +420,10 @@ class TableCache:
         device = lead.device
         n = len(lists) if n_elementwise is None else n_elementwise
         plan = self.plan(lists, n, lead.dtype, device)
-        if not plan.kernel:
+        if plan.n_blocks == 0:  # no kernel position, or nothing but empty tensors
             return plan, None
         captured = capturing(device)
         blocks = self.block_map(plan.numels, device, captured)
-        if blocks is None:
-            return plan, None
         if plan.other:
             rows = [self.row(tuple(_data_ptr(lst[i]) for i in plan.kernel), device, captured)
                     for lst in lists]

@@ -1205,7 +1205,11 @@ _COMPILE_CHECK = """
              if re.search(r"fma\\.rn\\.f32[^;]*,\\s*" + r + r"\\s*;", line)]
     added = [line for line in ptx.splitlines() for r in roots
              if re.search(r"add(\\.rn)?\\.f32[^;]*" + r + r"\\b", line)]
-    print("scale-chain", len(roots) == 1 and not fused and len(added) == 1)
+    # ... and the elementwise w + scale * g is not contracted either (the tl.where
+    # between product and add keeps them apart, as the torch backend rounds them):
+    # the chain's zero-addend fma is the only fma.
+    only = len(re.findall(r"\\bfma\\.rn\\.f32", ptx)) == 1
+    print("scale-chain", len(roots) == 1 and not fused and len(added) == 1 and only)
 """
 
 
