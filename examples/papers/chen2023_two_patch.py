@@ -73,9 +73,8 @@ def train(method: str, signal: float, seed: int, cfg: dict) -> dict:
     model = TwoLayerCNN(cfg["d"], cfg["m"], cfg["init_std"], gen)
     if method == "GD":
         opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
-    else:  # backend="torch" while the cpp backend's perturb_ is being migrated
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=cfg["rho"], lr=cfg["lr"],
-                  backend="torch")
+    else:
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=cfg["rho"], lr=cfg["lr"])
     for _ in range(cfg["steps"]):
         logistic(model(x), y).backward()
         if method == "GD":

@@ -69,8 +69,8 @@ def train(method: str, width: int, seed: int, data, cfg: dict) -> float:
     sgd = dict(lr=cfg["lr"], momentum=0.9, weight_decay=cfg["wd"])
     if method == "SGD":
         opt = torch.optim.SGD(model.parameters(), **sgd)
-    else:  # backend="torch" while the cpp backend's perturb_ is being migrated
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=cfg["rho"], backend="torch", **sgd)
+    else:
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=cfg["rho"], **sgd)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(1000 + seed)
     for _ in range(cfg["epochs"]):

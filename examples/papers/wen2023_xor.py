@@ -72,9 +72,8 @@ def run(bias: bool, cfg: dict, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     train, test = xor_data(cfg["n"], cfg["d"], gen), xor_data(cfg["n_test"], cfg["d"], gen)
     model = two_layer(cfg["d"], cfg["width"], bias, seed)
-    # 1-SAM: one example per step. backend="torch" while the cpp backend's
-    # perturb_ is being migrated.
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=cfg["rho"], lr=cfg["lr"], backend="torch")
+    # 1-SAM: one example per step.
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=cfg["rho"], lr=cfg["lr"])
     order = torch.Generator().manual_seed(1000 + seed)
     every = max(1, cfg["steps"] // cfg["checkpoints"])
     history = []
