@@ -333,8 +333,6 @@ def check_example(spec: Spec, backend: str):
         for i, (s1, s2) in enumerate(zip(got_state, ref_state)):
             assert s1.keys() == s2.keys(), f"{backend}: parameter {i}: state keys"
             for key in s1:
-                if key == "step" and built[i].numel() == 0:
-                    continue  # test_adam_counts_the_steps_of_empty_parameters (xfail, triton)
                 assert_close([s1[key]], [s2[key]], [0.0 if key == "step" else last[i]],
                              f"{backend}: parameter {i}: state {key!r}")
     # the float64 oracle (float32/float64 examples)
@@ -404,12 +402,7 @@ def test_group_without_gradients_beside_an_adaptive_group(backend):
     assert_bits(snap([used, unused]), before, "restore")
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=(
-        "triton backend: restore_adamw_ returns before advancing the step counters when "
-        "every tensor of a (device, dtype) group is empty (no pointer table), so Adam's "
-        "'step' of an empty parameter stays 0; torch.optim counts it")))
-    if b == "triton" else b for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_adam_counts_the_steps_of_empty_parameters(backend):
     """An empty parameter (a zero-width layer) alone in its dtype group, beside a normal
     one: torch.optim.Adam advances its step counter like any other."""

@@ -403,10 +403,14 @@ def _restore_adam(params: TensorList, backups: TensorList, grads: TensorList,
         options.run_torch(_pick(params, idx), _pick(backups, idx), _pick(grads, idx),
                           _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx), _pick_opt(vmax, idx),
                           _pick(state_steps, idx), grad_scale, found_inf)
+    steps = _pick(state_steps, plan.kernel)
     if kernel_table is None:
+        # Nothing to compute (every tensor is empty), but Adam counts the step all the same.
+        if steps:
+            torch._foreach_add_(steps, 1 if found_inf is None
+                                else (found_inf == 0).to(steps[0].dtype))
         return
     dtype = _TL_DTYPE[params[0].dtype]
-    steps = _pick(state_steps, plan.kernel)
     if steps_on_device:
         if found_inf is None:
             torch._foreach_add_(steps, 1)
