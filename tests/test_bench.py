@@ -494,8 +494,6 @@ def test_direct_op_floor_is_the_sam_step():
     floor = host.DirectOpFloor()
     if floor.unavailable(torch.device("cpu"), torch.float32) is not None:
         pytest.skip("no compiled ops here")
-    if not host.new_perturb_contract():
-        pytest.skip("this build's perturb_ takes a precomputed scale (before issue 9)")
     from sam_fast import SAM
 
     torch.manual_seed(0)

@@ -95,7 +95,11 @@ def perturbation_scale(
     0 where ``sumsq`` is not finite, which the perturbation reads as "skip".
     """
     if normalize:
-        norm = torch.sqrt(sumsq)
+        # Correctly rounded, as the kernels compute it: PyTorch's CPU fp32 sqrt is one ulp
+        # off for a sizeable share of inputs; an fp64 sqrt rounded to fp32 is exact
+        # (53 >= 2 * 24 + 2 bits, so the double rounding is innocuous).
+        norm = torch.sqrt(sumsq.double()).to(sumsq.dtype) if sumsq.dtype == torch.float32 \
+            else torch.sqrt(sumsq)
         denom = norm + (eps if grad_scale is None else grad_scale.to(norm) * eps)
         scale = torch.reciprocal(denom) * rho
     elif grad_scale is None:

@@ -32,7 +32,6 @@ from .host import (
     WORKLOADS,
     DirectOpFloor,
     measure_host,
-    new_perturb_contract,
 )
 from .micro import TASKS, run_cell
 from .presets import DEFAULT_DTYPES, DTYPES, PRESETS, default_presets, format_count
@@ -419,11 +418,6 @@ def run_host(settings: Settings, usable: Sequence[Contender], hp: Hyper,
     why = floor.unavailable(device, torch.float32)
     if why is not None:
         out["notes"].append(f"{floor.name} not measured: {why}")
-    elif not new_perturb_contract():
-        out["notes"].append(
-            f"{floor.name}: this build's perturb_ / sampa_points_ take a precomputed scale "
-            "(the schema before issue 9's contract): the floor passes a device scalar made "
-            "once, so it leaves out the scale's computation")
     kinds = [False, True] if device.type == "cuda" else [False]
     for preset_name in settings.presets:
         preset = PRESETS[preset_name]

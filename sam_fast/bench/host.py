@@ -209,15 +209,6 @@ class ReferenceSAMPa:
 # -- the direct-op floor ------------------------------------------------------------------------
 
 
-def new_perturb_contract() -> bool:
-    """Whether the compiled ``perturb_`` takes the sum of squares (issue 9's contract) rather
-    than a precomputed scale (the schema before it)."""
-    try:
-        return "Tensor sumsq" in str(torch.ops.sam_fast.perturb_.default._schema)
-    except (AttributeError, RuntimeError):  # sam_fast._C not loaded
-        return False
-
-
 def floor_backend(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpp"
 
@@ -228,10 +219,6 @@ class _FloorSam:
     def __init__(self, params: Sequence[Tensor], hp: Hyper, adamw: bool) -> None:
         self.params, self.hp, self.adamw = list(params), hp, adamw
         self.ops = torch.ops.sam_fast
-        self.new_contract = new_perturb_contract()
-        dev = self.params[0].device
-        # the pre-contract perturb_ takes the scale: a device scalar made once, outside
-        self.scale = torch.tensor(hp.rho, dtype=torch.float32, device=dev)
         self.backups = [torch.empty_like(p) for p in self.params]
         if adamw:
             self.exp_avgs = [torch.zeros_like(p) for p in self.params]
@@ -246,17 +233,16 @@ class _FloorSam:
         for p in self.params:
             p.grad = None
 
+    @torch.no_grad()
     def first_step(self) -> None:
         hp = self.hp
         grads = [p.grad for p in self.params]
         sumsq = self.ops.grad_sumsq(grads, [], 0.0)
-        if self.new_contract:
-            self.ops.perturb_(self.params, grads, self.backups, sumsq, rho=hp.rho, eps=hp.eps,
-                              normalize=True, eta=None, grad_scale=None)
-        else:
-            self.ops.perturb_(self.params, grads, self.backups, self.scale, None)
+        self.ops.perturb_(self.params, grads, self.backups, sumsq, rho=hp.rho, eps=hp.eps,
+                          normalize=True, eta=None, grad_scale=None)
         self._zero()
 
+    @torch.no_grad()
     def second_step(self) -> None:
         hp = self.hp
         grads = [p.grad for p in self.params]
@@ -281,9 +267,6 @@ class _FloorSampa:
     def __init__(self, params: Sequence[Tensor], hp: Hyper) -> None:
         self.params, self.hp = list(params), hp
         self.ops = torch.ops.sam_fast
-        self.new_contract = new_perturb_contract()
-        dev = self.params[0].device
-        self.scale = torch.tensor(hp.sampa_rho, dtype=torch.float32, device=dev)
         self.backups = [torch.empty_like(p) for p in self.params]
         self.ys = [torch.empty_like(p) for p in self.params]
         self.bufs = [torch.zeros_like(p) for p in self.params]
@@ -307,12 +290,8 @@ class _FloorSampa:
             return loss
         assert self.pending is not None
         sumsq = self.ops.grad_sumsq(self.grads_y, [], 0.0)
-        if self.new_contract:
-            self.ops.sampa_points_(self.params, self.grads_y, self.bufs, self.backups, self.ys,
-                                   sumsq, rho=hp.sampa_rho, eps=hp.eps, **sgd)
-        else:
-            self.ops.sampa_points_(self.params, self.grads_y, self.bufs, self.backups, self.ys,
-                                   self.scale, **sgd)
+        self.ops.sampa_points_(self.params, self.grads_y, self.bufs, self.backups, self.ys,
+                               sumsq, rho=hp.sampa_rho, eps=hp.eps, **sgd)
         self.pending()
         g_tilde = self._take()
         self.ops.restore_(self.params, self.ys)
