@@ -113,17 +113,25 @@ float host_scalar(const at::Tensor& s, const char* what) {
 // host from the sum of squares; an fp64 chain is rounded to fp32 at the end,
 // as torch rounds an fp64 0-dim scale when it multiplies fp32 tensors by it.
 //
-// The norm is ATen's sqrt of the sum of squares, not std::sqrt: torch.sqrt on
-// the CPU is not correctly rounded (ATen's CPU kernel calls MKL's vector math,
-// accurate to about an ulp: for 1 in 6 random fp32 inputs it is an ulp away
-// from IEEE sqrt), and the torch backend's norm is torch.sqrt. One tiny op per
-// call (and none for USAM) buys the same bits as the torch backend on every
-// machine, whatever MKL's code path there. The rest of the chain (+, 1/x, *)
-// is IEEE in ATen's CPU kernels as here.
+// The norm of an fp32 sum of squares is IEEE sqrt (correctly rounded), as in
+// the CUDA and Triton kernels and the torch backend (which takes the fp64
+// sqrt of it and rounds: exact, since 53 >= 2 * 24 + 2 bits). An fp64 sum of
+// squares (a model with fp64 groups too, whose chain the torch backend
+// computes with torch.sqrt in fp64) takes ATen's sqrt, so both agree bit for
+// bit: ATen's CPU sqrt is not correctly rounded (it calls a vector math
+// library, about an ulp), and fp64 has no wider type to round from. The rest
+// of the chain (+, 1/x, *) is IEEE in ATen's CPU kernels as here.
 template <typename Acc>
 Acc scale_on_host(const ScaleInputs& in, double rho, double eps, bool normalize) {
   const Acc sumsq = *in.sumsq.data_ptr<Acc>();
-  const Acc norm = normalize ? at::sqrt(in.sumsq).item<Acc>() : Acc(0);
+  Acc norm = Acc(0);
+  if (normalize) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      norm = std::sqrt(sumsq);
+    } else {
+      norm = at::sqrt(in.sumsq).item<Acc>();
+    }
+  }
   const Acc* gs = in.grad_scale ? in.grad_scale->data_ptr<Acc>() : nullptr;
   return scale_from_norm<Acc>(norm, is_finite(sumsq), static_cast<Acc>(rho),
                               static_cast<Acc>(eps), normalize, gs);
