@@ -827,3 +827,46 @@ def test_cuda_relaunch_for_huge_and_misaligned_tensors(gen):
         out[backend] = p
     for a, b in zip(out["cuda"], out["torch"]):
         _close(a, b, torch.float32)
+
+
+_LAUNCH_SCRIPT = r"""
+import math, torch
+from sam_fast import ops
+gen = torch.Generator().manual_seed(3)
+# 1100 small tensors (several launches by tensor count with either metadata size) and one
+# of 140M elements: 2137 chunks, more than one launch's block map with 32 KiB (2048) too,
+# so a tensor is split across launches on both paths.
+shapes = [(1 + (i * 7) % 29,) for i in range(1100)] + [(140_000_000,)]
+grads = [torch.randn(s, generator=gen).cuda() for s in shapes]
+params = [torch.randn(s, generator=gen).cuda() for s in shapes]
+sumsq = {b: ops.grad_sumsq(grads, backend=b) for b in ("cuda", "torch")}
+assert abs(sumsq["cuda"].item() - sumsq["torch"].item()) <= 1e-5 * sumsq["torch"].item()
+out = {}
+for b in ("cuda", "torch"):
+    p, bk = [t.clone() for t in params], [torch.empty_like(t) for t in params]
+    ops.perturb_(p, grads, bk, sumsq["torch"], rho=0.05, backend=b)
+    assert all(torch.equal(x, y) for x, y in zip(bk, params))
+    out[b] = p
+assert all(torch.equal(x, y) for x, y in zip(out["cuda"], out["torch"])), "perturb_"
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel_params", ["default", "4096"])
+def test_cuda_both_metadata_sizes(kernel_params):
+    """The 32 KiB metadata path (CUDA >= 12.1 on Volta+) and the 4 KiB one
+    (SAM_FAST_KERNEL_PARAMS=4096, read once per process: hence a subprocess) give the
+    torch backend's results, relaunches and split tensors included."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("SAM_FAST_KERNEL_PARAMS", None)
+    if kernel_params != "default":
+        env["SAM_FAST_KERNEL_PARAMS"] = kernel_params
+    done = subprocess.run([sys.executable, "-c", _LAUNCH_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

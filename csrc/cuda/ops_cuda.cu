@@ -48,9 +48,11 @@ __device__ __forceinline__ bool bit(unsigned mask, int k) { return (mask >> k) &
 //   Ctx prepare(const Extra&) const   -- per-block constants (device scalars read once)
 //   unsigned reads(const Ctx&) const, writes(const Ctx&) const  -- list bitmasks
 //   void apply(T (&e)[Depth], const Ctx&) const  -- one element of every list
-template <int Depth, typename Extra, typename T, typename Op>
-__global__ void __launch_bounds__(kBlockSize)
-    elementwise_kernel(const TensorListMetadata<Depth, Extra> meta, const Op op) {
+// Inlined into the kernels below: meta stays in the parameter space (taking
+// its address in a real call would copy it to local memory).
+template <typename T, int Depth, typename Extra, bool kLarge, typename Op>
+__device__ __forceinline__ void elementwise_body(const TensorListMetadata<Depth, Extra, kLarge>& meta,
+                                                 const Op& op) {
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t remaining = meta.numel[t] - start;
@@ -108,16 +110,46 @@ __global__ void __launch_bounds__(kBlockSize)
   }
 }
 
+// One kernel per metadata size, overloaded on the metadata's type; the 32 KiB
+// one is only declared in device passes for pre-Volta architectures
+// (multi_tensor_apply.cuh), where the host never launches it.
+template <typename T, int Depth, typename Extra, typename Op>
+__global__ void __launch_bounds__(kBlockSize)
+    elementwise_kernel(const TensorListMetadata<Depth, Extra, false> meta, const Op op) {
+  elementwise_body<T>(meta, op);
+}
+
+#if SAMF_LARGE_PARAMS
+template <typename T, int Depth, typename Extra, typename Op>
+__global__ void __launch_bounds__(kBlockSize)
+    elementwise_kernel(const TensorListMetadata<Depth, Extra, true> meta, const Op op)
+#if SAMF_LARGE_KERNEL_DEFINED
+{
+  elementwise_body<T>(meta, op);
+}
+#else
+    ;
+#endif
+#endif
+
+// The data pointers of a FlatLists' first Depth lists (null for an absent list).
+template <int Depth>
+ListPointers<Depth> list_pointers(const FlatLists& lists) {
+  ListPointers<Depth> ptrs;
+  for (int k = 0; k < Depth; ++k) {
+    ptrs.list[k] = lists.ptrs(k).empty() ? nullptr : lists.ptrs(k).data();
+  }
+  return ptrs;
+}
+
 template <int Depth, typename T, typename Extra, typename Op>
-void launch_elementwise(const FlatLists& lists, const std::vector<Extra>& extras, const Op& op) {
+void launch_elementwise(const FlatLists& lists, const Extra* extras, const Op& op) {
   static_assert(sizeof(Op) <= kOpParamBytes, "op functor too large for the kernel parameters");
-  std::vector<std::vector<void*>> ptrs;
-  for (int k = 0; k < Depth; ++k) ptrs.push_back(lists.ptrs(k));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   multi_tensor_apply<Depth, Extra>(
-      ptrs, lists.numels(), extras,
-      [&](const TensorListMetadata<Depth, Extra>& meta, int blocks, int64_t) {
-        elementwise_kernel<Depth, Extra, T, Op><<<blocks, kBlockSize, 0, stream>>>(meta, op);
+      lists.device().index(), list_pointers<Depth>(lists), lists.numels().data(), lists.size(),
+      extras, [&](const auto& meta, int blocks, int64_t) {
+        elementwise_kernel<T><<<blocks, kBlockSize, 0, stream>>>(meta, op);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
@@ -187,9 +219,9 @@ __device__ __forceinline__ float sumsq_term(T g, T w, const SumsqArgs& a) {
   return v * v;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kBlockSize)
-    sumsq_kernel(const TensorListMetadata<2, NoExtra> meta, const SumsqArgs a) {
+template <typename T, bool kLarge>
+__device__ __forceinline__ void sumsq_body(const TensorListMetadata<2, NoExtra, kLarge>& meta,
+                                           const SumsqArgs& a) {
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t remaining = meta.numel[t] - start;
@@ -217,6 +249,25 @@ __global__ void __launch_bounds__(kBlockSize)
   if (threadIdx.x == 0) a.partials[a.first_block + blockIdx.x] = acc;
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kBlockSize)
+    sumsq_kernel(const TensorListMetadata<2, NoExtra, false> meta, const SumsqArgs a) {
+  sumsq_body<T>(meta, a);
+}
+
+#if SAMF_LARGE_PARAMS
+template <typename T>
+__global__ void __launch_bounds__(kBlockSize)
+    sumsq_kernel(const TensorListMetadata<2, NoExtra, true> meta, const SumsqArgs a)
+#if SAMF_LARGE_KERNEL_DEFINED
+{
+  sumsq_body<T>(meta, a);
+}
+#else
+    ;
+#endif
+#endif
+
 __global__ void __launch_bounds__(kBlockSize)
     sum_partials_kernel(const float* partials, int64_t n, float* out) {
   double acc = 0.0;
@@ -243,8 +294,8 @@ at::Tensor grad_sumsq(at::TensorList grads, at::TensorList params, double eta) {
     dispatch_storage(lists.dtype(), "grad_sumsq", [&](auto tag) {
       using T = decltype(tag);
       multi_tensor_apply<2, NoExtra>(
-          {lists.ptrs(0), lists.ptrs(1)}, lists.numels(), {},
-          [&](const TensorListMetadata<2, NoExtra>& meta, int nb, int64_t first) {
+          lists.device().index(), list_pointers<2>(lists), lists.numels().data(), lists.size(),
+          static_cast<const NoExtra*>(nullptr), [&](const auto& meta, int nb, int64_t first) {
             SumsqArgs args = a;
             args.first_block = first;
             sumsq_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, args);
@@ -328,7 +379,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   const PerturbOp op{s.args, adaptive, adaptive && *eta != 0.0,
                      static_cast<float>(eta.value_or(0.0))};
   dispatch_storage(lists.dtype(), "perturb_", [&](auto tag) {
-    launch_elementwise<3, decltype(tag), NoExtra>(lists, {}, op);
+    launch_elementwise<3, decltype(tag), NoExtra>(lists, nullptr, op);
   });
   lists.finish();
 }
@@ -352,7 +403,7 @@ void restore_(at::TensorList params, at::TensorList backups) {
   if (lists.empty()) return;
   const c10::cuda::CUDAGuard guard(lists.device());
   dispatch_storage(lists.dtype(), "restore_", [&](auto tag) {
-    launch_elementwise<2, decltype(tag), NoExtra>(lists, {}, CopyOp{});
+    launch_elementwise<2, decltype(tag), NoExtra>(lists, nullptr, CopyOp{});
   });
   lists.finish();
 }
@@ -429,7 +480,7 @@ void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList 
                                  init_buffers),
                  scalar_ptr(gs), scalar_ptr(fi)};
   dispatch_storage(lists.dtype(), "restore_sgd_", [&](auto tag) {
-    launch_elementwise<4, decltype(tag), NoExtra>(lists, {}, op);
+    launch_elementwise<4, decltype(tag), NoExtra>(lists, nullptr, op);
   });
   lists.finish();
 }
@@ -562,7 +613,7 @@ void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorLis
                                    decoupled_weight_decay),
                   scalar_ptr(gs), scalar_ptr(fi), host, step_is_double};
   dispatch_storage(lists.dtype(), "restore_adamw_", [&](auto tag) {
-    launch_elementwise<6, decltype(tag), AdamExtra>(lists, extras, op);
+    launch_elementwise<6, decltype(tag), AdamExtra>(lists, extras.data(), op);
   });
   lists.finish();
 }
@@ -614,7 +665,7 @@ void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList
                                          maximize, init_buffers),
                          s.args};
   dispatch_storage(lists.dtype(), "sampa_points_", [&](auto tag) {
-    launch_elementwise<5, decltype(tag), NoExtra>(lists, {}, op);
+    launch_elementwise<5, decltype(tag), NoExtra>(lists, nullptr, op);
   });
   lists.finish();
 }
@@ -664,7 +715,7 @@ void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList
                                          maximize, init_buffers),
                          static_cast<float>(1.0 - lam), static_cast<float>(lam)};
   dispatch_storage(lists.dtype(), "sampa_update_", [&](auto tag) {
-    launch_elementwise<5, decltype(tag), NoExtra>(lists, {}, op);
+    launch_elementwise<5, decltype(tag), NoExtra>(lists, nullptr, op);
   });
   lists.finish();
 }
