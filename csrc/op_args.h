@@ -9,8 +9,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/SmallVector.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
@@ -48,56 +50,79 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 // written back by finish(), so every layout gives the correct result.
 class FlatLists {
  public:
-  FlatLists(const std::vector<ListSpec>& specs, const char* op) : specs_(specs) {
-    TORCH_CHECK(!specs.empty(), op, ": no tensor lists");
-    const auto& lead = specs[0].tensors;
+  // Per call this is O(tensors x lists) with a small constant: the usual case
+  // (every tensor contiguous) is decided from cached TensorImpl flags, and no
+  // tensor is copied into a vector (a Tensor copy is an atomic refcount
+  // round trip, and for a tensor made in Python the last one takes the GIL):
+  // only staged temporaries are kept.
+  FlatLists(std::initializer_list<ListSpec> specs, const char* op)
+      : specs_(specs.begin(), specs.end()) {
+    TORCH_CHECK(specs.size() > 0, op, ": no tensor lists");
+    const auto& lead = specs_[0].tensors;
     const size_t n = lead.size();
-    ptrs_.assign(specs.size(), {});
-    for (size_t k = 0; k < specs.size(); ++k) {
-      const size_t len = specs[k].tensors.size();
-      TORCH_CHECK(len == n || (len == 0 && k > 0), op, ": ", specs[k].name, " has ", len,
-                  " tensors but ", specs[0].name, " has ", n);
+    ptrs_.resize(specs_.size());
+    for (size_t k = 0; k < specs_.size(); ++k) {
+      const size_t len = specs_[k].tensors.size();
+      TORCH_CHECK(len == n || (len == 0 && k > 0), op, ": ", specs_[k].name, " has ", len,
+                  " tensors but ", specs_[0].name, " has ", n);
+      if (len > 0) ptrs_[k].reserve(n);
     }
+    numel_.reserve(n);
+    index_.reserve(n);
     for (size_t i = 0; i < n; ++i) {
       const at::Tensor& ref = lead[i];
-      TORCH_CHECK(ref.defined(), op, ": ", specs[0].name, "[", i, "] is undefined");
+      TORCH_CHECK(ref.defined(), op, ": ", specs_[0].name, "[", i, "] is undefined");
       if (i == 0) {
         device_ = ref.device();
         dtype_ = ref.scalar_type();
       }
-      TORCH_CHECK(ref.device() == device_, op, ": ", specs[0].name, "[", i, "] is on ",
-                  ref.device(), " but ", specs[0].name, "[0] is on ", device_,
+      TORCH_CHECK(ref.device() == device_, op, ": ", specs_[0].name, "[", i, "] is on ",
+                  ref.device(), " but ", specs_[0].name, "[0] is on ", device_,
                   "; call the op once per device");
-      TORCH_CHECK(ref.scalar_type() == dtype_, op, ": ", specs[0].name, "[", i, "] is ",
-                  ref.scalar_type(), " but ", specs[0].name, "[0] is ", dtype_,
+      TORCH_CHECK(ref.scalar_type() == dtype_, op, ": ", specs_[0].name, "[", i, "] is ",
+                  ref.scalar_type(), " but ", specs_[0].name, "[0] is ", dtype_,
                   "; call the op once per dtype");
       if (ref.numel() == 0) continue;
-      const bool ref_dense = ref.is_non_overlapping_and_dense();
-      for (size_t k = 0; k < specs.size(); ++k) {
-        if (specs[k].tensors.empty()) continue;
-        const at::Tensor& t = specs[k].tensors[i];
-        TORCH_CHECK(t.defined(), op, ": ", specs[k].name, "[", i, "] is undefined");
-        TORCH_CHECK(t.device() == device_, op, ": ", specs[k].name, "[", i, "] is on ",
-                    t.device(), " but ", specs[0].name, "[", i, "] is on ", device_);
-        TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", specs[k].name, "[", i, "] is ",
-                    t.scalar_type(), " but ", specs[0].name, "[", i, "] is ", dtype_,
-                    "; every list of a group must share the parameters' dtype");
-        TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", specs[k].name, "[", i, "] has shape ",
-                    t.sizes(), " but ", specs[0].name, "[", i, "] has ", ref.sizes());
-        if (specs[k].written) {
-          TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ",
-                      specs[k].name, "[", i, "] has elements that share memory (an expanded "
-                      "view?); it cannot be written in place");
+      const bool ref_contiguous = ref.is_contiguous();
+      const bool ref_dense = ref_contiguous || ref.is_non_overlapping_and_dense();
+      for (size_t k = 0; k < specs_.size(); ++k) {
+        const ListSpec& spec = specs_[k];
+        if (spec.tensors.empty()) continue;
+        const at::Tensor& t = spec.tensors[i];
+        // The first list's tensor is ref itself, checked above.
+        if (k > 0) {
+          TORCH_CHECK(t.defined(), op, ": ", spec.name, "[", i, "] is undefined");
+          TORCH_CHECK(t.device() == device_, op, ": ", spec.name, "[", i, "] is on ",
+                      t.device(), " but ", specs_[0].name, "[", i, "] is on ", device_);
+          TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", spec.name, "[", i, "] is ",
+                      t.scalar_type(), " but ", specs_[0].name, "[", i, "] is ", dtype_,
+                      "; every list of a group must share the parameters' dtype");
+          TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", spec.name, "[", i, "] has shape ",
+                      t.sizes(), " but ", specs_[0].name, "[", i, "] has ", ref.sizes());
         }
-        const bool direct = ref_dense && t.is_non_overlapping_and_dense() && same_layout(t, ref);
-        at::Tensor flat = t;
-        if (!direct) {
-          flat = ref_dense ? at::empty_strided(ref.sizes(), ref.strides(), ref.options())
-                           : at::empty(ref.sizes(), ref.options());
-          if (specs[k].read) flat.copy_(t);
-          if (specs[k].written) write_back_.emplace_back(t, flat);
+        // Both contiguous (the usual case): the same layout, and a contiguous
+        // tensor has no elements sharing memory, so neither check is needed.
+        const bool direct =
+            k == 0 ? ref_dense
+                   : (ref_contiguous && t.is_contiguous()) ||
+                         (ref_dense && t.is_non_overlapping_and_dense() && same_layout(t, ref));
+        if (spec.written && !direct) {
+          TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", spec.name,
+                      "[", i, "] has elements that share memory (an expanded view?); it "
+                      "cannot be written in place");
         }
-        ptrs_[k].push_back(flat.data_ptr());
+        if (direct) {
+          // Written lists: mutable_data_ptr (a copy-on-write tensor materializes);
+          // read-only ones must not be materialized by a read.
+          ptrs_[k].push_back(spec.written ? t.mutable_data_ptr()
+                                          : const_cast<void*>(t.const_data_ptr()));
+          continue;
+        }
+        at::Tensor flat = ref_dense ? at::empty_strided(ref.sizes(), ref.strides(), ref.options())
+                                    : at::empty(ref.sizes(), ref.options());
+        if (spec.read) flat.copy_(t);
+        if (spec.written) write_back_.emplace_back(t, flat);
+        ptrs_[k].push_back(flat.mutable_data_ptr());
         staged_.push_back(std::move(flat));
       }
       numel_.push_back(ref.numel());
@@ -124,8 +149,8 @@ class FlatLists {
   at::Device device() const { return device_; }
 
  private:
-  std::vector<ListSpec> specs_;
-  std::vector<std::vector<void*>> ptrs_;
+  c10::SmallVector<ListSpec, 6> specs_;
+  c10::SmallVector<std::vector<void*>, 6> ptrs_;
   std::vector<int64_t> numel_;
   std::vector<int64_t> index_;
   std::vector<at::Tensor> staged_;
@@ -142,11 +167,12 @@ inline void check_storage_dtype(at::ScalarType dtype, const char* op) {
               " (the Python backends hand float64 groups to the torch backend)");
 }
 
-// A 0-dim device scalar (scale, grad_scale, found_inf) as fp32 on `device`.
-// Already there in fp32 it is used as is: no copy, no host sync.
+// A one-element device scalar (grad_scale, found_inf) as fp32 on `device`.
+// Already there in fp32 it is used as is: no copy, no host sync (and no view:
+// the kernels read the one element at its data pointer, whatever its shape).
 inline at::Tensor scalar_on(const at::Tensor& s, at::Device device, const char* what) {
   TORCH_CHECK(s.numel() == 1, what, " must hold one element, got shape ", s.sizes());
-  return s.to(device, at::kFloat).reshape({});
+  return s.to(device, at::kFloat);
 }
 
 // What perturb_ / sampa_points_ derive their scale from: the global sum of
@@ -165,11 +191,11 @@ inline ScaleInputs scale_inputs(const at::Tensor& sumsq,
   TORCH_CHECK(sumsq.numel() == 1, "sumsq must hold one element, got shape ", sumsq.sizes());
   const bool is_double = sumsq.scalar_type() == at::kDouble;
   const at::ScalarType acc = is_double ? at::kDouble : at::kFloat;
-  ScaleInputs in{sumsq.to(device, acc).reshape({}), std::nullopt, is_double};
+  ScaleInputs in{sumsq.to(device, acc), std::nullopt, is_double};
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
                 grad_scale->sizes());
-    in.grad_scale = grad_scale->to(device, acc).reshape({});
+    in.grad_scale = grad_scale->to(device, acc);
   }
   return in;
 }
@@ -235,11 +261,18 @@ inline std::vector<AdamStepScalars> bump_host_steps(at::TensorList steps, const 
     }
     counts[i] = c;
   }
+  // The counters of a group almost always agree: three pow() per tensor were
+  // most of this op's host time, so equal counts reuse the last corrections
+  // (the same bits: pow is a function of its arguments).
+  double last = std::nan("");
+  AdamStepScalars sc{};
   for (size_t j = 0; j < lists.size(); ++j) {
     const double c = counts[lists.index(j)];
-    AdamStepScalars sc;
-    sc.step_size = static_cast<float>((lr / (1.0 - std::pow(beta1, c))) * -1.0);
-    sc.bc2_sqrt = static_cast<float>(std::pow(1.0 - std::pow(beta2, c), 0.5));
+    if (!(c == last)) {
+      sc.step_size = static_cast<float>((lr / (1.0 - std::pow(beta1, c))) * -1.0);
+      sc.bc2_sqrt = static_cast<float>(std::pow(1.0 - std::pow(beta2, c), 0.5));
+      last = c;
+    }
     out.push_back(sc);
   }
   return out;
