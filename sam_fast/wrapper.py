@@ -51,19 +51,14 @@ def _eager(fn: Callable) -> Callable:
 
     The optimizer keeps Python state between calls (the perturbation in flight, the
     plan), which dynamo may not replay faithfully; eagerly, a compiled training step
-    gives exactly the eager results. Outside compilation the wrapper costs one flag
-    read and a grad-mode switch (``torch.no_grad()`` and ``torch.compiler.disable``
-    as decorators cost several microseconds per call, a visible share of a step).
+    gives exactly the eager results. The grad mode is switched by hand: the
+    ``torch.no_grad()`` decorator costs several microseconds per call.
     """
-    disabled = torch.compiler.disable(torch.no_grad()(fn), recursive=True)
-    is_compiling = torch.compiler.is_compiling
     set_grad_enabled = torch._C._set_grad_enabled
     is_grad_enabled = torch.is_grad_enabled
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if is_compiling():
-            return disabled(*args, **kwargs)
         enabled = is_grad_enabled()
         set_grad_enabled(False)
         try:
@@ -71,7 +66,7 @@ def _eager(fn: Callable) -> Callable:
         finally:
             set_grad_enabled(enabled)
 
-    return run
+    return torch.compiler.disable(run, recursive=True)
 
 
 def _check_rho(rho: Any) -> None:
