@@ -23,7 +23,11 @@ def _fresh_grads(params):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["sam", "sampa"])
 def test_fifty_steps_of_a_thousand_tensors_keep_no_garbage(backend, kind):
-    params = [torch.nn.Parameter(torch.randn(2)) for _ in range(1000)]
+    # Triton's interpreter runs every program of a launch in Python (seconds per step at
+    # 1000 tensors): a smaller model there; its own caches are bounded in bytes and
+    # tested in test_triton_ops.
+    n, steps = (100, 10) if backend == "triton" else (1000, 50)
+    params = [torch.nn.Parameter(torch.randn(2)) for _ in range(n)]
     if kind == "sam":
         opt = SAM(params, torch.optim.SGD, lr=1e-3, momentum=0.9, backend=backend)
 
@@ -44,13 +48,13 @@ def test_fifty_steps_of_a_thousand_tensors_keep_no_garbage(backend, kind):
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for _ in range(50):
+        for _ in range(steps):
             step()
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert grown < 5 * 2**20, f"host memory grew by {grown / 2**20:.1f} MB over 50 steps"
+    assert grown < 5 * 2**20, f"host memory grew by {grown / 2**20:.1f} MB over {steps} steps"
 
 
 def test_a_new_layout_replaces_the_plan():
