@@ -107,7 +107,7 @@ def _extensions() -> tuple[list, dict]:
              "nvcc): building the CPU kernels only; the CUDA kernels can be compiled just "
              "in time later")
 
-    sources = ["csrc/ops.cpp", "csrc/cpu/ops_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/fast_path.cpp", "csrc/cpu/ops_cpu.cpp"]
     # -fno-math-errno: sqrt needs no errno branch, so the CPU loops vectorize.
     # -ffp-contract=off: no a * b + c fused into an FMA (GCC fuses by default
     # wherever the target has FMA, e.g. SAM_FAST_MARCH=native; clang within an

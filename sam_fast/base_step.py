@@ -14,9 +14,10 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _optim_module
 from torch.optim.optimizer import Optimizer
 
-from . import dispatch
+from . import dispatch, plan
 from .distributed import local
 from .plan import Bucket
 
@@ -31,18 +32,40 @@ _ADAM_KEYS = frozenset(
 
 
 def _plain_floats(*values: Any) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return all(type(v) is float or (isinstance(v, (int, float)) and not isinstance(v, bool))
+               for v in values)
 
 
 def _has_step_hooks(opt: Optimizer) -> bool:
-    from torch.optim import optimizer as optim_module
-
     return bool(
         getattr(opt, "_optimizer_step_pre_hooks", None)
         or getattr(opt, "_optimizer_step_post_hooks", None)
-        or getattr(optim_module, "_global_optimizer_pre_hooks", None)
-        or getattr(optim_module, "_global_optimizer_post_hooks", None)
+        or _optim_module._global_optimizer_pre_hooks
+        or _optim_module._global_optimizer_post_hooks
     )
+
+
+# (base optimizer type, the wrapper's keys) -> (kind, every group key it may meet); a
+# handful of entries for the life of the process.
+_ALLOWED_KEYS: dict[tuple[type, frozenset[str]], tuple[str, frozenset[str]] | None] = {}
+
+
+def _allowed_keys(opt_type: type, extra_keys: frozenset[str]
+                  ) -> tuple[str, frozenset[str]] | None:
+    try:
+        return _ALLOWED_KEYS[(opt_type, extra_keys)]
+    except KeyError:
+        pass
+    if opt_type is torch.optim.SGD:
+        entry: tuple[str, frozenset[str]] | None = ("sgd", _SGD_KEYS)
+    elif opt_type in (torch.optim.Adam, torch.optim.AdamW):
+        entry = ("adam", _ADAM_KEYS)
+    else:
+        entry = None
+    if entry is not None:
+        entry = (entry[0], entry[1] | extra_keys | {"initial_lr"})
+    _ALLOWED_KEYS[(opt_type, extra_keys)] = entry
+    return entry
 
 
 def fused_kind(opt: Optimizer, group: dict, extra_keys: frozenset[str]) -> str | None:
@@ -51,18 +74,20 @@ def fused_kind(opt: Optimizer, group: dict, extra_keys: frozenset[str]) -> str |
     ``extra_keys`` are the keys the SAM wrapper itself adds to the group.
     Anything unknown (a key from a newer PyTorch, a tensor learning rate,
     ``differentiable=True``, step hooks that must run) keeps the optimizer's
-    own ``step()``.
+    own ``step()``. Called per group and step: a few dict reads, no allocation.
     """
-    if _has_step_hooks(opt) or group.get("differentiable", False):
+    allowed = _allowed_keys(type(opt), extra_keys)
+    if allowed is None or _has_step_hooks(opt) or group.get("differentiable", False):
         return None
-    keys = set(group) - extra_keys - {"initial_lr"}
-    if type(opt) is torch.optim.SGD and keys <= _SGD_KEYS:
-        if _plain_floats(group["lr"], group["momentum"], group["dampening"], group["weight_decay"]):
-            return "sgd"
-    if type(opt) in (torch.optim.Adam, torch.optim.AdamW) and keys <= _ADAM_KEYS:
-        if _plain_floats(group["lr"], *group["betas"], group["eps"], group["weight_decay"]):
-            return "adam"
-    return None
+    kind, keys = allowed
+    if not group.keys() <= keys:
+        return None
+    if kind == "sgd":
+        ok = _plain_floats(group["lr"], group["momentum"], group["dampening"],
+                           group["weight_decay"])
+    else:
+        ok = _plain_floats(group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+    return kind if ok else None
 
 
 def sgd_options(group: dict) -> dict[str, Any]:
@@ -265,3 +290,56 @@ def restore_adam_step(opt: Optimizer, group: dict, bucket: Bucket, grads: Sequen
 
 
 RESTORE_STEPS = {"sgd": restore_sgd_step, "adam": restore_adam_step}
+
+
+# -- the fast path: the same ops through the bucket's C++ handle (csrc/fast_path.cpp) ---------
+#
+# Only in the steady state, where the step creates no state: every state tensor exists in the
+# parameters' dtype and device, and the handle holds their lists (loaded once, again after the
+# bucket's cache was rebuilt). Anything else answers NOT_READY and the Python path runs.
+
+
+def fast_sgd_step(opt: Optimizer, group: dict, bucket: Bucket, grad_scale: Tensor | None,
+                  found_inf: Tensor | None) -> int:
+    """:func:`restore_sgd_step` of a whole bucket through its handle: OK, or (nothing
+    touched) NOT_READY, INCOMPLETE or LAYOUT_CHANGED."""
+    momentum = group["momentum"]
+    if momentum != 0:
+        cache = bucket.cache
+        if not cache.get("momentum_complete") or cache["momentum_mismatch"]:
+            return plan.NOT_READY
+        if cache.get("fast") != "sgd":
+            plan.fast.bucket_set(bucket.fast, plan.fast.MOMENTUM_BUFFER, cache["momentum_buffer"])
+            cache["fast"] = "sgd"
+    return plan.fast.restore_sgd(bucket.fast, group["lr"], momentum, group["dampening"],
+                                 group["weight_decay"], group["nesterov"], group["maximize"],
+                                 grad_scale, found_inf)
+
+
+def fast_adam_step(opt: Optimizer, group: dict, bucket: Bucket, grad_scale: Tensor | None,
+                   found_inf: Tensor | None) -> int:
+    """:func:`restore_adam_step` of a whole bucket through its handle (as :func:`fast_sgd_step`)."""
+    cache = bucket.cache
+    lists = cache.get("adam")
+    if lists is None or lists["fresh"] or lists["mismatch"]:
+        return plan.NOT_READY
+    amsgrad = group["amsgrad"]
+    if cache.get("fast") != ("adam", amsgrad):
+        if amsgrad and any(t is None for t in lists["max_exp_avg_sq"]):
+            return plan.NOT_READY
+        fast = plan.fast
+        fast.bucket_set(bucket.fast, fast.EXP_AVG, lists["exp_avg"])
+        fast.bucket_set(bucket.fast, fast.EXP_AVG_SQ, lists["exp_avg_sq"])
+        fast.bucket_set(bucket.fast, fast.STATE_STEP, lists["step"])
+        fast.bucket_set(bucket.fast, fast.MAX_EXP_AVG_SQ, lists["max_exp_avg_sq"] if amsgrad
+                        else None)
+        cache["fast"] = ("adam", amsgrad)
+    beta1, beta2 = group["betas"]
+    return plan.fast.restore_adamw(
+        bucket.fast, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], amsgrad,
+        group["maximize"],
+        group.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW),
+        grad_scale, found_inf)
+
+
+FAST_STEPS = {"sgd": fast_sgd_step, "adam": fast_adam_step}

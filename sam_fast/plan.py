@@ -14,10 +14,20 @@ object, and every parameter's storage address. Adding a group, changing a
 group's parameters, ``load_state_dict`` and ``model.to(...)`` (which gives the
 parameters new storage) all change the key, and the next step builds a new
 plan. Gradient storage changes every step and is never part of the key.
+
+The fast path: where every bucket runs on the compiled ops (``cpp``/``cuda``
+backends, fp32/fp16/bf16, plain tensors), each bucket also gets a C++ handle
+(:data:`fast`, csrc/fast_path.cpp) that keeps its static lists, reads the
+gradients itself and calls the same registered ops from C++, so no list is
+converted from Python per call. Such a plan checks only :func:`head_key`
+(O(groups)) in Python; the per-parameter part of the layout (the same objects in
+each group's list, their storage address, dtype, device and shape) is checked
+by every handle call, which touches nothing and says so when it changed.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +39,19 @@ from torch import Tensor
 
 from . import dispatch, ops
 from .distributed import is_dtensor, local
+
+# The C++ handles of the fast path (csrc/fast_path.cpp), or None without sam_fast._C.
+fast: Any = None
+# SAM_FAST_FAST_PATH=0 keeps every plan on the Python path (for comparisons).
+FAST_PATH = os.environ.get("SAM_FAST_FAST_PATH", "1") != "0"
+# A fast handle's answers (besides OK = 0), and the Python side's "not in steady state".
+OK = 0
+LAYOUT_CHANGED = 1
+INCOMPLETE = 2
+NOT_READY = -1
+_FAST_BACKENDS = frozenset({"cpp", "cuda"})
+_FAST_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 _grad = attrgetter("grad")
 _layout = attrgetter("layout")
@@ -56,6 +79,8 @@ class Bucket:
     """op name -> implementation, resolved once."""
     cache: dict[Any, Any] = field(default_factory=dict)
     """Base-optimizer state lists in launch order, by what they were built for."""
+    fast: Any = None
+    """The C++ handle of the fast path, or None (this bucket takes the Python path)."""
 
     def grads(self) -> list[Tensor | None]:
         grads = list(map(_grad, self.params))
@@ -92,6 +117,8 @@ class NormPart:
     eta: float | None
     weights: list[Tensor]
     """The parameters (ASAM weights ``|w| + eta``); empty for plain SAM."""
+    fast: tuple = ()
+    """The buckets' C++ handles (fast plans)."""
 
 
 @dataclass(eq=False)
@@ -102,11 +129,37 @@ class Plan:
     home: torch.device
     dtensor: bool
     params: list[Tensor]
+    fast: bool = False
+    """Every bucket has a C++ handle: the plan checks :func:`head_key` in Python only."""
+    head: tuple = ()
 
 
 def group_layout(groups: Sequence[dict]) -> tuple:
     """The O(number of groups) part of the layout key."""
     return tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
+
+
+def head_key(groups: list[dict], state: Any) -> tuple:
+    """The part of the layout key a fast plan checks in Python (the handles check the rest)."""
+    return (id(groups), id(state), group_layout(groups))
+
+
+def _fast_module() -> Any:
+    global fast
+    if fast is None:
+        from . import _extension
+
+        module = _extension.load()
+        fast = getattr(module, "fast", None) if module is not None else None
+    return fast
+
+
+def _fast_eligible(backend: str, device: torch.device, dtype: torch.dtype,
+                   params: Sequence[Tensor]) -> bool:
+    """Whether a bucket's ops are the compiled ones on plain tensors (what a handle calls)."""
+    return (FAST_PATH and dtype in _FAST_DTYPES and device.type in ("cpu", "cuda")
+            and dispatch.resolve(backend, device) in _FAST_BACKENDS
+            and all(type(p) in _PLAIN_TYPES for p in params) and _fast_module() is not None)
 
 
 def layout_key(groups: list[dict], state: Any, params: Sequence[Tensor],
@@ -196,17 +249,22 @@ def build(groups: list[dict], state_of: Callable[[Tensor], dict], backend: str,
     check_no_overlap(groups)
     buckets: list[Bucket] = []
     for gi, group in enumerate(groups):
-        by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
+        by_kind: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(group["params"]):
             ops.check_tensor(p, f"param group {gi} parameter {i}")
             t = local(p)
-            by_kind[(t.device, t.dtype)].append(p)
-        for (device, dtype), params in by_kind.items():
+            by_kind[(t.device, t.dtype)].append(i)
+        for (device, dtype), positions in by_kind.items():
+            params = [group["params"][i] for i in positions]
             tensors = [local(p) for p in params]
             backups = [_backup(state_of(p), t) for p, t in zip(params, tensors)]
             impls = {op: dispatch.lookup(op, backend, device) for op in ops_needed}
-            buckets.append(Bucket(gi, params, tensors, backups, device, dtype,
-                                  any(map(is_dtensor, params)), impls))
+            dtensor = any(map(is_dtensor, params))
+            handle = None
+            if not dtensor and _fast_eligible(backend, device, dtype, params):
+                handle = fast.bucket(group["params"], positions, backups)
+            buckets.append(Bucket(gi, params, tensors, backups, device, dtype, dtensor, impls,
+                                  fast=handle))
     parts: dict[tuple, NormPart] = {}
     for bi, b in enumerate(buckets):
         eta = adaptive(groups[b.group_index])
@@ -215,11 +273,13 @@ def build(groups: list[dict], state_of: Callable[[Tensor], dict], backend: str,
             part = parts[(b.device, b.dtype, eta)] = NormPart(
                 dispatch.lookup("grad_sumsq", backend, b.device), [], eta, [])
         part.buckets.append(bi)
+        part.fast += (b.fast,)
         if eta is not None:
             part.weights.extend(b.tensors)
     home = buckets[0].device if buckets else torch.device("cpu")
+    is_fast = bool(buckets) and all(b.fast is not None for b in buckets)
     return Plan(key, buckets, list(parts.values()), home, any(b.dtensor for b in buckets),
-                flat_params(groups))
+                flat_params(groups), fast=is_fast, head=key[:3])
 
 
 def _backup(state: dict, t: Tensor) -> Tensor:
@@ -228,6 +288,22 @@ def _backup(state: dict, t: Tensor) -> Tensor:
         buf = torch.empty_like(t, memory_format=torch.preserve_format)
         state["backup"] = buf
     return buf
+
+
+def fast_total_sumsq(plan: Plan, slot: int = -1) -> Tensor | int:
+    """:func:`total_sumsq` of a fast plan, the handles reading the gradients (or a
+    gradient slot): the sum, or the first handle's answer (LAYOUT_CHANGED, INCOMPLETE)
+    when it is not OK."""
+    partials = []
+    for part in plan.norm_parts:
+        total = fast.sumsq(part.fast, part.eta, slot)
+        if type(total) is int:
+            return total
+        partials.append(total)
+    if len(partials) == 1:
+        return partials[0]
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in partials) else torch.float32
+    return torch.stack([p.to(plan.home, acc, non_blocking=True) for p in partials]).sum()
 
 
 def total_sumsq(plan: Plan, grads_by_bucket: Sequence[Sequence[Tensor]],

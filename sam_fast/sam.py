@@ -129,6 +129,14 @@ class SAM(SharpnessOptimizer):
         current = self._current_plan()
         for group in self.param_groups:  # options may change between steps (schedules)
             check_group_options(group)
+        if current.fast:
+            status = self._fast_first_step(current, grad_scale)
+            if status == plan.LAYOUT_CHANGED:
+                current = self._replan()
+                if current.fast:
+                    status = self._fast_first_step(current, grad_scale)
+            if status == plan.OK:
+                return True
         grads = [b.grads() for b in current.buckets]
         if all(map(plan.complete, grads)):
             sumsq = plan.total_sumsq(current, grads, _dtensor_grads(current, grads))
@@ -166,6 +174,35 @@ class SAM(SharpnessOptimizer):
             raise
         state.perturbed = masks
         return True
+
+    def _fast_first_step(self, current: plan.Plan, grad_scale: Tensor | None) -> int:
+        """first_step on a fast plan's handles: OK, or (nothing touched) LAYOUT_CHANGED or
+        INCOMPLETE (a gradient missing or sparse: the general path)."""
+        sumsq = plan.fast_total_sumsq(current)
+        if type(sumsq) is int:
+            return sumsq
+        state = self._step_state
+        state.sumsq, state.norm = sumsq, None
+        groups = self.param_groups
+        fast = plan.fast
+        done: list[plan.Bucket] = []
+        try:
+            for b in current.buckets:
+                group = groups[b.group_index]
+                status = fast.perturb(
+                    b.fast, _on(sumsq, b.device), group["rho"], group["perturb_eps"],
+                    group["normalize"], self._adaptive_eta(group),
+                    None if grad_scale is None else _on(grad_scale, b.device))
+                if status != plan.OK:
+                    raise RuntimeError("the parameters or their gradients changed inside "
+                                       "first_step()")
+                done.append(b)
+        except BaseException:
+            for b in done:  # all or nothing: put back what was perturbed
+                fast.restore(b.fast, False)
+            raise
+        state.perturbed = [None] * len(current.buckets)
+        return plan.OK
 
     def _partial_sumsq(self, current: plan.Plan, grads: list[list[Tensor]],
                        masks: list[list[int] | None]) -> Tensor:
@@ -228,13 +265,16 @@ class SAM(SharpnessOptimizer):
         for b, m in zip(current.buckets, state.perturbed):
             group = self.param_groups[b.group_index]
             kind = kinds[b.group_index]
-            grads = b.grads()
             if kind is None:
                 b.impls["restore_"](b.tensors if m is None else [b.tensors[i] for i in m],
                                     b.backups if m is None else [b.backups[i] for i in m])
                 b.cache.clear()  # the base optimizer's own step may create state
                 fallback[id(group)] = group
                 continue
+            if m is None and b.fast is not None and base_step.FAST_STEPS[kind](
+                    base, group, b, grad_scale, found_inf) == plan.OK:
+                continue
+            grads = b.grads()
             step = base_step.RESTORE_STEPS[kind]
             if m is None and plan.complete(grads):
                 step(base, group, b, grads, None, grad_scale=grad_scale, found_inf=found_inf,

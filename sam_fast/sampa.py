@@ -115,9 +115,16 @@ class SAMPa(SharpnessOptimizer):
         if st.grads_y is None:
             return
         assert st.plan is not None
-        for b, grads in zip(st.plan.buckets, st.grads_y):
-            for p, g in zip(b.params, grads):
-                self.state[p]["grad_y"] = g
+        if st.grads_y is _IN_HANDLES:
+            fast = plan.fast
+            for b in st.plan.buckets:
+                for p, g in zip(b.params, fast.bucket_get(b.fast, fast.GRADS_Y)):
+                    self.state[p]["grad_y"] = g
+                fast.bucket_set(b.fast, fast.GRADS_Y, None)
+        else:
+            for b, grads in zip(st.plan.buckets, st.grads_y):
+                for p, g in zip(b.params, grads):
+                    self.state[p]["grad_y"] = g
         st.grads_y = None
 
     def _leave_plan(self, old: Any) -> None:
@@ -141,6 +148,10 @@ class SAMPa(SharpnessOptimizer):
                 for p in b.params:
                     del self.state[p]["grad_y"]
             st.grads_y = loaded
+            if current.fast:
+                for b, grads in zip(current.buckets, loaded):
+                    plan.fast.bucket_set(b.fast, plan.fast.GRADS_Y, grads)
+                st.grads_y = _IN_HANDLES
         return st.grads_y
 
     def _evaluate_at_current(self, closure: Closure) -> tuple[Any, dict[Tensor, Tensor]]:
@@ -184,6 +195,11 @@ class SAMPa(SharpnessOptimizer):
                 return loss
 
         active = self._grads_y()
+        if self._step_state.plan is not None:
+            # The general path reads and creates state in self.state directly: the
+            # buckets' lists of it are rebuilt when the fast path next runs.
+            for b in self._step_state.plan.buckets:
+                b.cache.clear()
         fused = [
             base_step.fused_kind(self.base_optimizer, g, self.group_keys) == "sgd"
             for g in self.param_groups
@@ -230,6 +246,8 @@ class SAMPa(SharpnessOptimizer):
         grads_y = self._fast_grads_y(current)
         if grads_y is None:
             return _GENERAL
+        if current.fast:
+            return self._handle_step(current, closure, buffers)
         pending = self._require_pending()
         sumsq = plan.total_sumsq(current, grads_y, _dtensor_grads_of(current, grads_y))
         groups = self.param_groups
@@ -277,12 +295,120 @@ class SAMPa(SharpnessOptimizer):
         self._mark_stepped()
         return loss
 
+    def _handle_step(self, current: Any, closure: Closure, buffers: list[Any]) -> Any:
+        """:meth:`_fast_step` on a fast plan: the buckets' C++ handles hold g_y, y, the
+        backups and the momentum buffers, and read and take the gradients themselves."""
+        fast = plan.fast
+        buckets = current.buckets
+        groups = self.param_groups
+        pending = self._require_pending()
+        sumsq = plan.fast_total_sumsq(current, fast.GRADS_Y)
+        if type(sumsq) is int:  # the parameters changed: a new plan, the general path
+            self._replan()
+            return _GENERAL
+        for b, bufs in zip(buckets, buffers):
+            self._load_handle(b, bufs)
+        moved = []
+        try:
+            for b, bufs in zip(buckets, buffers):
+                group = groups[b.group_index]
+                o = self._y_options(group, bufs is None)
+                status = fast.sampa_points(
+                    b.fast, _on(sumsq, b.device), group["rho"], group["perturb_eps"], o["lr"],
+                    o["momentum"], o["dampening"], o["weight_decay"], o["nesterov"],
+                    o["maximize"], bufs is None)
+                if status != plan.OK:
+                    raise RuntimeError("the parameters changed inside SAMPa.step()")
+                moved.append(b)
+            for p in current.params:
+                p.grad = None
+            self._evaluate(pending)
+            tilde_found = self._take_grads(current, fast.GRADS_TILDE)
+            for b in buckets:
+                fast.restore(b.fast, True)
+            loss = self._evaluate(closure)
+            if not tilde_found:
+                for p in current.params:
+                    p.grad = None
+                raise RuntimeError(
+                    "SAMPa.step(): the previous batch's closure (evaluated at x~) produced no "
+                    "gradient (did it call backward()?); the parameters are back at x")
+            if not self._take_grads(current, fast.GRADS_Y):  # g_y is replaced only when found
+                raise RuntimeError(
+                    "SAMPa.step(): the closure (evaluated at y) produced no gradient (did it "
+                    "call backward()?); the parameters are back at x")
+        except BaseException:
+            for b in buckets:
+                fast.bucket_set(b.fast, fast.GRADS_TILDE, None)
+            for b in moved:
+                fast.restore(b.fast, False)
+            raise
+        base = self.base_optimizer
+        for b, bufs in zip(buckets, buffers):
+            group = groups[b.group_index]
+            o = base_step.sgd_options(group)
+            init = bufs is None and o["momentum"] != 0
+            if init:
+                bufs = [local(t) for t in base_step.new_momentum_buffers(base, b.params)]
+                b.cache["momentum_buffer"] = bufs
+                b.cache["momentum_ready"] = True
+                self._load_handle(b, bufs)
+            status = fast.sampa_update(b.fast, group["lam"], o["lr"], o["momentum"],
+                                       o["dampening"], o["weight_decay"], o["nesterov"],
+                                       o["maximize"], init)
+            if status != plan.OK:
+                raise RuntimeError("the parameters changed inside SAMPa.step()")
+        self._step_state.grads_y = _IN_HANDLES
+        self._pending_closure = closure
+        self.updates += 1
+        self._mark_stepped()
+        return loss
+
+    def _load_handle(self, b: Any, bufs: list[Tensor] | None) -> None:
+        """Give a bucket's handle its y buffers and momentum buffers (once per list)."""
+        fast = plan.fast
+        ys = self._ys(b)
+        if b.cache.get("handle_ys") is not ys:
+            fast.bucket_set(b.fast, fast.YS, ys)
+            b.cache["handle_ys"] = ys
+        if bufs is not None and b.cache.get("handle_bufs") is not bufs:
+            fast.bucket_set(b.fast, fast.MOMENTUM_BUFFER, bufs)
+            b.cache["handle_bufs"] = bufs
+
+    @staticmethod
+    def _take_grads(current: Any, slot: int) -> bool:
+        """Move every gradient into a handle slot (a missing one as zeros) and set the
+        ``.grad`` to None; whether any gradient was there (when none was, the slots are
+        left as they were)."""
+        fast = plan.fast
+        found = False
+        partial = []
+        for b in current.buckets:
+            status = fast.take_grads(b.fast, slot, True)
+            if status == plan.OK:
+                found = True
+                continue
+            if status == plan.LAYOUT_CHANGED:
+                raise RuntimeError("the parameters changed inside SAMPa.step()")
+            grads = b.grads()
+            for p in b.params:
+                p.grad = None
+            plan.check_grads(grads, b.params)
+            found = found or any(g is not None for g in grads)
+            partial.append((b, grads))
+        if found:
+            for b, grads in partial:
+                fast.bucket_set(b.fast, slot, _zeros_for_missing(grads, b.tensors))
+        return found
+
     def _momentum_buffers(self, b: Any) -> Any:
         """The bucket's momentum buffers in order: a list, None when none exists yet (or no
         momentum), ``_GENERAL`` when only some exist or their dtype differs."""
         group = self.param_groups[b.group_index]
         if group["momentum"] == 0:
             return None
+        if b.cache.get("momentum_ready"):  # every buffer there, checked (the steady state)
+            return b.cache["momentum_buffer"]
         bufs = b.cache.get("momentum_buffer")
         if bufs is None:
             bufs = [self.base_optimizer.state[p].get("momentum_buffer") for p in b.params]
@@ -291,8 +417,10 @@ class SAMPa(SharpnessOptimizer):
         present = [t is not None for t in bufs]
         if not any(present):
             return None
-        if not all(present) or any(t.dtype != x.dtype for t, x in zip(bufs, b.tensors)):
+        if not all(present) or any(t.dtype != x.dtype or t.device != x.device
+                                   for t, x in zip(bufs, b.tensors)):
             return _GENERAL
+        b.cache["momentum_ready"] = True
         return bufs
 
     def _y_options(self, group: dict, no_buffer: bool) -> dict[str, Any]:
@@ -581,6 +709,7 @@ def _step_without_hooks(opt: Optimizer) -> None:
 
 
 _GENERAL = object()  # "the general path serves this call"
+_IN_HANDLES = object()  # StepState.grads_y: g_y is in the fast plan's handles
 
 
 def _on(t: Tensor, device: torch.device) -> Tensor:

@@ -22,7 +22,9 @@ Workloads:
 Next to them the *direct-op floor*: ``torch.ops.sam_fast.*`` called directly on
 the same lists (read every ``p.grad``, ``grad_sumsq``, ``perturb_``,
 ``restore_sgd_`` / ``restore_adamw_``, and ``p.grad = None`` after each phase
-as every contender does): what a Python-level step cannot go below.
+as every contender does): what a step that passes its lists from Python to the
+ops cannot go below. sam_fast's fast path (csrc/fast_path.cpp) keeps its static
+lists in C++ and reads the gradients there, so it can go below this floor.
 
 On a GPU the same runs once more on CUDA tensors of the preset's real shapes:
 the host time (``perf_counter`` around the call, no synchronize inside it)
