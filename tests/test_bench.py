@@ -295,6 +295,15 @@ def test_cli_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "SAM: the optimizer's share of one step" in text
     assert "SAMPa" in text
+    # the device-time model of every cell: the contenders measured (sam_fast's torch
+    # backend; the reference and foreach loops), predicted from their counts
+    model = {(r["contender"], r["task"]): r for r in fp32["model"]["rows"]}
+    for name in ("reference", "foreach", "sam_fast[torch]"):
+        for task in ("grad_norm", "sam_step", "sampa_step"):
+            assert model[(name, task)]["predicted_s"] > 0
+    assert model[("reference", "sam_step")]["launches"] > model[("foreach", "sam_step")][
+        "launches"]
+    assert "device-time model" in text and "device-time model" in md
 
 
 def test_e2e_smoke_run():

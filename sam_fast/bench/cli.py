@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ from .host import (
     DirectOpFloor,
     measure_host,
 )
+from .device_model import measure_launch_seconds, model_cell
 from .micro import TASKS, run_cell
 from .presets import DEFAULT_DTYPES, DTYPES, PRESETS, default_presets, format_count
 from .progress import Progress
@@ -103,6 +105,7 @@ class Settings:
     out: Path | None
     progress: bool
     seed: int
+    model: bool = True
 
 
 def _split(values: Sequence[str] | None) -> list[str]:
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, metavar="S",
                    help="seconds per task after which no more rounds start "
                         "(once --repeats are done)")
+    p.add_argument("--no-model", action="store_true",
+                   help="skip the device-time model (bytes and kernel launches of each "
+                        "contender's step, counted on meta tensors)")
     p.add_argument("--quick", action="store_true",
                    help="1 warm-up and 3 timed rounds per task: a smoke run, not a measurement")
     p.add_argument("--out", type=Path, metavar="DIR",
@@ -268,7 +274,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, list[st
                         e2e=not (args.no_e2e or args.host_only),
                         host=not (args.e2e_only or args.no_host), budget=budget,
                         host_budget=host_budget, out=args.out,
-                        progress=not args.no_progress, seed=args.seed)
+                        progress=not args.no_progress, seed=args.seed,
+                        model=not args.no_model)
     if args.list:
         print(list_everything(device))
         raise SystemExit(0)
@@ -356,6 +363,7 @@ def run(settings: Settings, notes: list[str]) -> dict:
             progress.label("copy bandwidth")
             payload["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device, timer)
             progress.advance()
+        launch_s: float | None = None
         for preset_name, dtype_name in cells:
             preset, dtype = PRESETS[preset_name], DTYPES[dtype_name]
             progress.label(f"{preset_name} {dtype_name}")
@@ -375,7 +383,15 @@ def run(settings: Settings, notes: list[str]) -> dict:
                             bandwidth, tasks=settings.tasks, status=progress.status,
                             seed=settings.seed)
             cell.notes[:0] = cell_notes
-            payload["cells"].append(cell.to_json())
+            cell_json = cell.to_json()
+            if settings.model and not cell.skipped:
+                progress.status("device-time model")
+                if device.type == "cuda" and launch_s is None:
+                    launch_s = measure_launch_seconds(device)
+                    payload["launch_seconds"] = launch_s
+                cell_json["model"] = model_for(cell, preset, dtype, chosen, settings.tasks, hp,
+                                               device, launch_s).to_json()
+            payload["cells"].append(cell_json)
             progress.advance()
         if settings.host:
             payload["host"] = {}  # filled as it goes: an interrupt keeps what was measured
@@ -404,6 +420,19 @@ def run(settings: Settings, notes: list[str]) -> dict:
     payload["environment"]["load_average_after"] = report.load_average()
     notes.extend(report.noise_notes(payload))
     return payload
+
+
+def model_for(cell: Any, preset: Any, dtype: torch.dtype, chosen: Sequence[Contender],
+              tasks: Sequence[str], hp: Hyper, device: torch.device,
+              launch_s: float | None) -> Any:
+    """The device-time model of a measured cell (on a GPU with the measured times beside)."""
+    measured = None
+    if device.type == "cuda":
+        measured = {(r.contender, r.workload): r.median_s for r in cell.rows}
+    return model_cell(preset, dtype, cell.dtype, chosen, tasks, hp, measured=measured,
+                      here_bandwidth=cell.copy_bandwidth_bytes_per_s
+                      if device.type == "cuda" else None,
+                      here_launch_s=launch_s)
 
 
 def run_host(settings: Settings, usable: Sequence[Contender], hp: Hyper,

@@ -262,6 +262,38 @@ def cell_tables(cell: dict[str, Any], markdown: bool = False) -> str:
     return "\n\n".join(out)
 
 
+MODEL_EXPLANATION = (
+    "Device-time model (a prediction, not a measurement): bytes moved / copy bandwidth + "
+    "kernel launches x cost per launch, both counted from one steady-state step on meta "
+    "tensors of the preset's shapes (sam_fast/bench/device_model.py). \"H200 model\": "
+    "4.3 TB/s and 3 us per launch; on a GPU also with its measured copy bandwidth and "
+    "launch cost, beside the measured time.")
+
+
+def model_table(model: dict[str, Any], markdown: bool = False) -> str:
+    """The device-time model of one cell."""
+    here = model.get("here_launch_s") is not None
+    rows = []
+    for r in model["rows"]:
+        row = [r["contender"], r["task"].replace("_", " "), str(r["launches"]),
+               fmt_bytes(r["bytes"]), fmt_time(r["predicted_s"])]
+        if here:
+            row += [fmt_time(r.get("predicted_here_s")), fmt_time(r.get("measured_s")),
+                    fmt_ratio(r.get("measured_over_predicted"))]
+        rows.append(row)
+    if not rows:
+        return ""
+    headers = ["contender", "task", "launches", "bytes", "H200 model"]
+    if here:
+        headers += ["model here", "measured", "measured / model"]
+    head = "device-time model (predicted, not measured)"
+    if here:
+        head += (f": here {fmt_rate(model.get('here_bandwidth_bytes_per_s'))}, "
+                 f"{model['here_launch_s'] * 1e6:.2f} us per launch")
+    body = table(headers, rows, markdown=markdown)
+    return (f"**{head}**\n\n" + body) if markdown else (head + "\n" + body)
+
+
 HOST_TITLES = {
     "sam_sgd": "SAM+SGD",
     "sam_adamw": "SAM+AdamW",
@@ -360,6 +392,9 @@ def render_console(payload: dict[str, Any]) -> str:
             parts.append(f"skipped: {cell['skipped']}\n")
             continue
         parts.append(cell_tables(cell))
+        if cell.get("model"):
+            parts.append("")
+            parts.append(model_table(cell["model"]))
         parts.append("")
     if (payload.get("host") or {}).get("cells"):
         parts.append("== " + "host cost of one step (tiny tensors: the time is host work) ==")
@@ -384,6 +419,7 @@ def all_notes(payload: dict[str, Any]) -> list[str]:
         if cell.get("skipped"):
             notes.append(f"{tag} skipped: {cell['skipped']}")
         notes += [f"{tag}: {n}" for n in cell.get("notes", [])]
+        notes += [f"{tag} model: {n}" for n in (cell.get("model") or {}).get("notes", [])]
     host = payload.get("host") or {}
     notes += host.get("notes", [])
     for cell in host.get("cells", []):
@@ -404,13 +440,16 @@ def render_markdown(payload: dict[str, Any]) -> str:
             "\"of copy bw\" is the least traffic of the workload (DESIGN.md section 3) per "
             "second over the copy bandwidth measured right before the cell (over 100%: caches "
             "served part of the traffic). \"max rel diff\" is against "
-            "sam_fast's torch backend after two steps from the same start.", ""]
+            "sam_fast's torch backend after two steps from the same start.", "",
+            MODEL_EXPLANATION, ""]
     for cell in payload["cells"]:
         out += [f"## {cell_title(cell)}", ""]
         if cell.get("skipped"):
             out += [f"Skipped: {cell['skipped']}", ""]
             continue
         out += [cell_tables(cell, markdown=True), ""]
+        if cell.get("model"):
+            out += [model_table(cell["model"], markdown=True), ""]
     if (payload.get("host") or {}).get("cells"):
         out += ["## Host cost of one step", "", HOST_EXPLANATION, "",
                 host_tables(payload["host"], markdown=True), ""]
