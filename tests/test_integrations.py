@@ -1,0 +1,219 @@
+"""SAM inside training frameworks: PyTorch Lightning and the Hugging Face Trainer.
+
+Each framework run is compared with a hand-written SAM loop over the same batches in
+the same order. Both run the same float32 ops in the same order on the same inputs
+(the frameworks add no autocast or scaling here), so the comparisons are bit for bit
+except where stated.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sam_fast
+
+pl = pytest.importorskip("lightning.pytorch")  # installed by the test extra (pyproject)
+
+SCHEDULER_WARNING = "before `optimizer.step()`"
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _data(n_batches: int, batch_size: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 4, generator=gen), torch.randint(0, 3, (batch_size,), generator=gen))
+            for _ in range(n_batches)]
+
+
+def _loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _loader(data):
+    # A list of ready batches: no shuffling, no collation differences between runs.
+    return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
+
+
+def _make_sam(params) -> sam_fast.SAM:
+    return sam_fast.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+
+def _make_scheduler(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+def _hand_loop(data, steps: int, scheduler: bool) -> list[torch.Tensor]:
+    """SAM by hand: backward, first_step, backward, second_step; the scheduler per step."""
+    model = _net()
+    opt = _make_sam(model.parameters())
+    sched = _make_scheduler(opt) if scheduler else None
+    for i in range(steps):
+        batch = data[i % len(data)]
+        _loss(model, batch).backward()
+        opt.first_step(zero_grad=True)
+        _loss(model, batch).backward()
+        opt.second_step(zero_grad=True)
+        if sched is not None:
+            sched.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+class AutoModule(pl.LightningModule):
+    """The SGD version of this module, with the optimizer line changed to SAM."""
+
+    def __init__(self, scheduler: bool = False) -> None:
+        super().__init__()
+        self.net = _net()
+        self.use_scheduler = scheduler
+
+    def training_step(self, batch, batch_idx):
+        return _loss(self.net, batch)
+
+    def configure_optimizers(self):
+        opt = _make_sam(self.parameters())
+        if not self.use_scheduler:
+            return opt
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": _make_scheduler(opt), "interval": "step"}}
+
+
+class ManualModule(AutoModule):
+    """Manual optimization through the LightningOptimizer wrapper ``self.optimizers()``.
+
+    ``finish="second_step"`` is the reference's loop; ``finish="step"`` ends with
+    ``opt.step()`` (after first_step that is second_step), which Lightning counts as a
+    training step (``trainer.global_step``, hence ``max_steps``); second_step is not.
+    """
+
+    def __init__(self, scheduler: bool = False, finish: str = "second_step") -> None:
+        super().__init__(scheduler)
+        self.automatic_optimization = False
+        self.finish = finish
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        self.manual_backward(_loss(self.net, batch))
+        opt.first_step(zero_grad=True)
+        self.manual_backward(_loss(self.net, batch))
+        if self.finish == "second_step":
+            opt.second_step(zero_grad=True)
+        else:
+            opt.step()
+            opt.zero_grad()
+        if self.use_scheduler:
+            self.lr_schedulers().step()
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False)
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def _fit(module, data, ckpt_path=None, **kwargs) -> pl.Trainer:
+    trainer = _trainer(**kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_dataloaders=_loader(data), ckpt_path=ckpt_path)
+    trainer.caught_warnings = [str(w.message) for w in caught]  # type: ignore[attr-defined]
+    return trainer
+
+
+def _assert_same(got: nn.Module, want: list[torch.Tensor]) -> None:
+    params = [p.detach() for p in got.parameters()]
+    assert len(params) == len(want)
+    for a, b in zip(params, want):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+# -- Lightning ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", [False, True], ids=["no_sched", "steplr"])
+def test_lightning_automatic_equals_hand_loop(scheduler):
+    """Automatic optimization calls ``opt.step(closure)`` with a closure that runs
+    training_step, zero_grad and backward: SAM runs it at w and at w + e. Five steps
+    over four batches (the second epoch reuses them) equal the hand loop bit for bit."""
+    data = _data(4)
+    module = AutoModule(scheduler)
+    trainer = _fit(module, data, max_steps=5)
+    assert trainer.global_step == 5
+    _assert_same(module.net, _hand_loop(data, 5, scheduler))
+    norm = trainer.optimizers[0].last_grad_norm
+    assert norm is not None and torch.isfinite(norm) and norm.item() > 0
+    assert not [w for w in trainer.caught_warnings if SCHEDULER_WARNING in w]
+
+
+@pytest.mark.parametrize("scheduler", [False, True], ids=["no_sched", "steplr"])
+def test_lightning_manual_equals_hand_loop(scheduler):
+    data = _data(3)
+    module = ManualModule(scheduler, finish="second_step")
+    # second_step is not Lightning's optimizer.step(): global_step stays 0, so the run
+    # is bounded by epochs.
+    trainer = _fit(module, data, max_epochs=2)
+    assert trainer.global_step == 0
+    _assert_same(module.net, _hand_loop(data, 6, scheduler))
+    assert module.optimizers().last_grad_norm is not None
+    assert not [w for w in trainer.caught_warnings if SCHEDULER_WARNING in w]
+
+
+def test_lightning_manual_step_counts_steps():
+    data = _data(3)
+    module = ManualModule(scheduler=True, finish="step")
+    trainer = _fit(module, data, max_steps=5)
+    assert trainer.global_step == 5
+    _assert_same(module.net, _hand_loop(data, 5, scheduler=True))
+    assert not [w for w in trainer.caught_warnings if SCHEDULER_WARNING in w]
+
+
+@pytest.mark.parametrize("module_cls", [AutoModule, ManualModule], ids=["automatic", "manual"])
+def test_lightning_resume_equals_uninterrupted(tmp_path, module_cls):
+    """One epoch (N = 3 steps) with ModelCheckpoint saving at its end (model, SAM with
+    its momentum buffers, StepLR), then a fresh Trainer and module resumed with
+    ``fit(ckpt_path=...)`` for the second epoch (M = 3): bit for bit the 2-epoch run.
+
+    Where the checkpoint is taken matters, for plain SGD as much as for SAM (checked by
+    hand with Lightning 2.6): resumed mid-epoch, a plain (not stateful) DataLoader
+    restarts at the epoch's first batch while batch_idx counts on; and
+    ``trainer.save_checkpoint`` after a ``max_steps`` stop on the epoch's last batch
+    records the epoch as unfinished, so the resumed run takes one more batch in it.
+    A checkpoint saved by ModelCheckpoint at the epoch's end has neither problem.
+    """
+    data = _data(3)
+    kwargs = {} if module_cls is AutoModule else {"finish": "step"}
+
+    whole = module_cls(scheduler=True, **kwargs)
+    _fit(whole, data, max_epochs=2)
+
+    first = module_cls(scheduler=True, **kwargs)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    _fit(first, data, max_epochs=1, enable_checkpointing=True, callbacks=[saver])
+    path = saver.best_model_path or saver.last_model_path
+    assert path
+
+    resumed = module_cls(scheduler=True, **kwargs)
+    trainer = _fit(resumed, data, ckpt_path=path, max_epochs=2)
+    assert trainer.global_step == 6
+    _assert_same(resumed.net, [p.detach().clone() for p in whole.net.parameters()])
+    # and the resumed run did continue: it is not the N-step weights
+    assert not all(torch.equal(a, b) for a, b in zip(resumed.net.parameters(),
+                                                      first.net.parameters()))
+
+
+def test_import_sam_fast_imports_no_framework():
+    code = ("import sys, sam_fast, sam_fast.integrations\n"
+            "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate')"
+            " if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
