@@ -8,9 +8,11 @@ except where stated.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +219,160 @@ def test_import_sam_fast_imports_no_framework():
             " if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- Hugging Face Trainer -------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers():
+    """``transformers``, imported with the checkout's root off ``sys.path``.
+
+    The checkout's top-level ``kernels/`` (the sources of ``sam_fast.kernels``) has the
+    import name of Hugging Face's ``kernels`` package. ``python -m pytest`` from the
+    root puts the root on ``sys.path``; transformers then finds a "kernels" without
+    metadata, imports it (it needs triton) and imports names from it that it lacks.
+    Its availability check is cached, so answering it once without the root suffices;
+    an installed sam_fast (wheel or ``pip install -e``) ships the kernels as
+    ``sam_fast.kernels`` and has no such clash.
+    """
+    transformers = pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
+    try:
+        import transformers.integrations.hub_kernels  # noqa: F401
+        import transformers.models.bert.modeling_bert  # noqa: F401
+        import transformers.trainer  # noqa: F401
+    finally:
+        sys.path[:] = saved
+    return transformers
+
+HF_STEPS = 4
+HF_BATCH = 4
+
+
+def _bert(seed: int = 0):
+    transformers = _transformers()
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+        # no dropout: the Trainer's and the hand loop's RNG streams need not agree
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _examples(n: int, seq: int = 6, seed: int = 2) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 50, (seq,), generator=gen),
+             "attention_mask": torch.ones(seq, dtype=torch.long),
+             "labels": torch.randint(0, 3, (), generator=gen)} for _ in range(n)]
+
+
+def _hf_args(tmp_path, **kwargs):
+    transformers = _transformers()
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=HF_BATCH,
+                   max_steps=HF_STEPS, learning_rate=0.1, max_grad_norm=0.5,
+                   lr_scheduler_type="linear", warmup_steps=0, report_to=[], use_cpu=True,
+                   save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+                   disable_tqdm=True, seed=0)
+    options.update(kwargs)
+    return transformers.TrainingArguments(**options)
+
+
+def _sequential_trainer():
+    _transformers()
+    from sam_fast.integrations.hf import SAMTrainer
+
+    class SequentialSAMTrainer(SAMTrainer):
+        """Batches in dataset order, so the hand loop can take the same ones."""
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    return SequentialSAMTrainer
+
+
+def _hf_hand_loop(model, examples, max_grad_norm: float, base_optimizer=None):
+    """SAM by hand as the Trainer runs it: clip the second gradients, SAM step, then
+    the linear schedule (lr * (1 - t / T))."""
+    transformers = _transformers()
+    opt = sam_fast.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 0, HF_STEPS)
+    model.train()
+    losses = []
+    for i in range(HF_STEPS):
+        chunk = examples[i * HF_BATCH:(i + 1) * HF_BATCH]
+        batch = {k: torch.stack([e[k] for e in chunk]) for k in chunk[0]}
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        opt.first_step(zero_grad=True)
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.second_step(zero_grad=True)
+        sched.step()
+    return losses
+
+
+def test_hf_sam_trainer_equals_hand_loop(tmp_path):
+    """SAMTrainer with SAM(SGD), max_grad_norm and the Trainer's linear schedule equals a
+    hand loop doing the same (clip the second gradients, second_step, schedule).
+
+    Bit for bit: both run the same float32 ops on the same batches in the same order
+    (no dropout, no autocast, clip_grad_norm_ in both), so any difference is a change
+    in what is computed, not rounding."""
+    examples = _examples(HF_STEPS * HF_BATCH)
+    model = _bert()
+    ref = _bert()
+    opt = sam_fast.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    trainer = _sequential_trainer()(model=model, args=_hf_args(tmp_path),
+                                     train_dataset=examples, optimizers=(opt, None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert trainer.state.global_step == HF_STEPS
+    assert not [w for w in caught if SCHEDULER_WARNING in str(w.message)]
+    losses = _hf_hand_loop(ref, examples, max_grad_norm=0.5)
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == HF_STEPS
+    # the logged loss is the first pass's (the Trainer rounds what it logs)
+    assert logged == pytest.approx(losses, rel=1e-3)
+    assert opt.last_grad_norm is not None and opt.last_grad_norm.item() > 0
+    # the clipping was active (so the comparison checks it): the norm exceeds the bar
+    assert any(h.get("grad_norm", 0) > 0.5 for h in trainer.state.log_history)
+
+
+def test_hf_sam_trainer_wraps_the_trainers_optimizer(tmp_path):
+    """``rho=`` wraps the optimizer the Trainer builds (AdamW by default, with its
+    weight-decay groups); training moves the weights and the step is SAM's."""
+    model = _bert()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = _sequential_trainer()(model=model, args=_hf_args(tmp_path, learning_rate=1e-3),
+                                     train_dataset=_examples(HF_STEPS * HF_BATCH), rho=0.05)
+    trainer.train()
+    sam = trainer.optimizer.optimizer if not isinstance(trainer.optimizer, sam_fast.SAM) \
+        else trainer.optimizer
+    assert isinstance(sam, sam_fast.SAM)
+    assert isinstance(sam.base_optimizer, torch.optim.AdamW)
+    assert sam.last_grad_norm is not None
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_hf_sam_trainer_refusals(tmp_path):
+    _transformers()
+    from sam_fast.integrations.hf import SAMTrainer
+
+    model = _bert()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        SAMTrainer(model=model, args=_hf_args(tmp_path, gradient_accumulation_steps=2),
+                   train_dataset=_examples(8), rho=0.05)
+    with pytest.raises(TypeError, match="sam_fast.SAM"):
+        SAMTrainer(model=model, args=_hf_args(tmp_path), train_dataset=_examples(8),
+                   optimizers=(sgd, None))
+    with pytest.raises(TypeError, match="rho="):
+        SAMTrainer(model=model, args=_hf_args(tmp_path), train_dataset=_examples(8))
