@@ -54,16 +54,25 @@ def _make_scheduler(opt):
     return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
 
-def _hand_loop(data, steps: int, scheduler: bool) -> list[torch.Tensor]:
-    """SAM by hand: backward, first_step, backward, second_step; the scheduler per step."""
+def _hand_loop(data, steps: int, scheduler: bool, clip_both: float | None = None
+               ) -> list[torch.Tensor]:
+    """SAM by hand: backward, first_step, backward, second_step; the scheduler per step;
+    ``clip_both``: a global-norm clip after each backward."""
     model = _net()
     opt = _make_sam(model.parameters())
     sched = _make_scheduler(opt) if scheduler else None
+
+    def clip():
+        if clip_both is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_both)
+
     for i in range(steps):
         batch = data[i % len(data)]
         _loss(model, batch).backward()
+        clip()
         opt.first_step(zero_grad=True)
         _loss(model, batch).backward()
+        clip()
         opt.second_step(zero_grad=True)
         if sched is not None:
             sched.step()
@@ -155,6 +164,20 @@ def test_lightning_automatic_equals_hand_loop(scheduler):
     norm = trainer.optimizers[0].last_grad_norm
     assert norm is not None and torch.isfinite(norm) and norm.item() > 0
     assert not [w for w in trainer.caught_warnings if SCHEDULER_WARNING in w]
+
+
+def test_lightning_gradient_clip_val_clips_both_passes():
+    """``gradient_clip_val`` clips inside Lightning's wrapped closure, after each of its
+    calls: with SAM both passes are clipped. (A global-norm clip of the first pass does
+    not move SAM's e, but the comparison still checks that both clips happen: without
+    the second one the step differs.)"""
+    data = _data(4)
+    module = AutoModule()
+    _fit(module, data, max_steps=4, gradient_clip_val=0.05)
+    want = _hand_loop(data, 4, scheduler=False, clip_both=0.05)
+    _assert_same(module.net, want)
+    unclipped = _hand_loop(data, 4, scheduler=False)
+    assert not all(torch.equal(a, b) for a, b in zip(want, unclipped))
 
 
 @pytest.mark.parametrize("scheduler", [False, True], ids=["no_sched", "steplr"])
