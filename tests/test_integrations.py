@@ -259,11 +259,11 @@ def _transformers():
     an installed sam_fast (wheel or ``pip install -e``) ships the kernels as
     ``sam_fast.kernels`` and has no such clash.
     """
-    transformers = pytest.importorskip("transformers")
     root = Path(__file__).resolve().parents[1]
     saved = list(sys.path)
     sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
     try:
+        transformers = pytest.importorskip("transformers")
         import transformers.integrations.hub_kernels  # noqa: F401
         import transformers.models.bert.modeling_bert  # noqa: F401
         import transformers.trainer  # noqa: F401
@@ -399,3 +399,42 @@ def test_hf_sam_trainer_refusals(tmp_path):
                    optimizers=(sgd, None))
     with pytest.raises(TypeError, match="rho="):
         SAMTrainer(model=model, args=_hf_args(tmp_path), train_dataset=_examples(8))
+
+
+class _BNClassifier(nn.Module):
+    """A plain nn.Module in the Trainer's convention: keyword inputs, a dict with "loss"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, momentum=None), nn.Tanh(),
+                                 nn.Linear(8, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def test_hf_sam_trainer_keeps_batchnorm_stats_out_of_the_second_pass(tmp_path):
+    """freeze_bn_stats (the default): after each step the running statistics, counter
+    included (momentum=None), are those of one forward of the pre-step model."""
+    import copy
+
+    model = _BNClassifier()
+    gen = torch.Generator().manual_seed(3)
+    examples = [{"x": torch.randn(4, generator=gen), "labels": torch.randint(0, 3, (), generator=gen)}
+                for _ in range(HF_BATCH)]
+    ref = copy.deepcopy(model).train()
+    with torch.no_grad():
+        ref(torch.stack([e["x"] for e in examples]))
+    opt = sam_fast.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    trainer = _sequential_trainer()(model=model, args=_hf_args(tmp_path, max_steps=1),
+                                     train_dataset=examples, optimizers=(opt, None))
+    trainer.train()
+    bn, ref_bn = model.net[1], ref.net[1]
+    assert bn.momentum is None
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, name), getattr(ref_bn, name)), name
