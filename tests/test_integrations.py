@@ -438,3 +438,28 @@ def test_hf_sam_trainer_keeps_batchnorm_stats_out_of_the_second_pass(tmp_path):
     assert bn.momentum is None
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(bn, name), getattr(ref_bn, name)), name
+
+
+def test_hf_sam_trainer_resume_equals_uninterrupted(tmp_path):
+    """A checkpoint at step 2 (save_strategy="steps": model, SAM's state with its momentum
+    buffers, the schedule), resumed with ``train(resume_from_checkpoint=...)`` in a fresh
+    SAMTrainer to step 4: bit for bit the uninterrupted 4-step run (the Trainer skips the
+    batches already seen; the sampler is sequential)."""
+    examples = _examples(HF_STEPS * HF_BATCH)
+    cls = _sequential_trainer()
+
+    def trainer_for(model, out, **kwargs):
+        opt = sam_fast.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        return cls(model=model, args=_hf_args(out, **kwargs), train_dataset=examples,
+                   optimizers=(opt, None))
+
+    whole = _bert()
+    trainer_for(whole, tmp_path / "whole").train()
+
+    first = _bert()
+    trainer_for(first, tmp_path / "first", save_strategy="steps", save_steps=2).train()
+    resumed = _bert(seed=1)  # other weights: the checkpoint must bring them
+    trainer_for(resumed, tmp_path / "resumed").train(
+        resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max()
