@@ -30,10 +30,11 @@ def _net(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
-def _data(n_batches: int, batch_size: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _data(n_batches: int, batch_size: int = 8, seed: int = 1
+          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 4, generator=gen), torch.randint(0, 3, (batch_size,), generator=gen))
-            for _ in range(n_batches)]
+    return [(torch.randn(batch_size, 4, generator=gen),
+             torch.randint(0, 3, (batch_size,), generator=gen)) for _ in range(n_batches)]
 
 
 def _loss(model: nn.Module, batch) -> torch.Tensor:
@@ -425,8 +426,8 @@ def test_hf_sam_trainer_keeps_batchnorm_stats_out_of_the_second_pass(tmp_path):
 
     model = _BNClassifier()
     gen = torch.Generator().manual_seed(3)
-    examples = [{"x": torch.randn(4, generator=gen), "labels": torch.randint(0, 3, (), generator=gen)}
-                for _ in range(HF_BATCH)]
+    examples = [{"x": torch.randn(4, generator=gen),
+                 "labels": torch.randint(0, 3, (), generator=gen)} for _ in range(HF_BATCH)]
     ref = copy.deepcopy(model).train()
     with torch.no_grad():
         ref(torch.stack([e["x"] for e in examples]))
