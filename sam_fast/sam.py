@@ -323,12 +323,16 @@ class SAM(SharpnessOptimizer):
         - after :meth:`first_step`: finish the step (run ``closure`` at ``w + e`` if
           given, then :meth:`second_step`); without a closure this is what
           ``GradScaler.step`` calls.
+
+        Whenever it ran ``closure``, ``step`` returns with the gradients set to ``None``:
+        the ones left would be those at ``w + e``, which the next ``step(closure)`` would
+        take for the first pass's.
         """
         if self._step_state.perturbed is not None:
             loss = None
             if closure is not None:
                 loss = self._evaluate_perturbed(closure)
-            self.second_step()
+            self.second_step(zero_grad=closure is not None)
             return loss
         if closure is None:
             raise RuntimeError(
@@ -342,7 +346,9 @@ class SAM(SharpnessOptimizer):
                 raise RuntimeError("SAM.step(): the closure produced no gradient")
         self.zero_grad()
         loss = self._evaluate_perturbed(closure)
-        self.second_step()
+        # The gradients left now are those at w + e: a next step(closure) would take them
+        # for a first pass (Lightning's closure zeroes the gradients only inside itself).
+        self.second_step(zero_grad=True)
         return loss if first_loss is None else first_loss
 
     def _evaluate_perturbed(self, closure: Callable[[], Any]) -> Any:

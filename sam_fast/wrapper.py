@@ -322,6 +322,12 @@ class SharpnessOptimizer(Optimizer):
         also when the fused path did not call ``base_optimizer.step()``."""
         self._opt_called = True
         self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
+        # Called through a wrapper that holds a shallow copy of our __dict__ (Lightning's
+        # LightningOptimizer, in manual optimization), the flag above lands in the copy;
+        # the scheduler reads the optimizer it was built with, which the wrapper keeps.
+        original = self.__dict__.get("_optimizer")
+        if isinstance(original, Optimizer):
+            original._opt_called = True  # type: ignore[attr-defined]
 
     def _base_step_on(self, groups: list[dict]) -> None:
         """``base_optimizer.step()`` for ``groups`` only: the other groups' gradients are
