@@ -1,5 +1,5 @@
 """Build script: the Python package, and the C++/CUDA extension ``sam_fast._C``
-(DESIGN.md section 5).
+(docs/design.md section 5).
 
 ``sam_fast._C`` always has the op schemas and the CPU kernels; it also has the
 CUDA kernels when this torch is a CUDA build and a CUDA toolchain is found

@@ -1,4 +1,4 @@
-"""pytest-benchmark: the host's share of a step (DESIGN.md section 3, issue 9).
+"""pytest-benchmark: the host's share of a step (docs/design.md section 3, issue 9).
 
 The topology of a preset (default ResNet-50: 161 tensors) with 4-element tensors, so the
 arithmetic is about zero and the time is host work; before every round the gradients

@@ -4,7 +4,7 @@ One benchmark per (case, workload, contender), grouped by case and workload so
 that pytest-benchmark's table puts the contenders of one workload side by
 side, and ``--benchmark-compare`` tracks each of them across commits.
 
-The workloads are the CLI's (DESIGN.md section 3): ``grad_norm``,
+The workloads are the CLI's (docs/design.md section 3): ``grad_norm``,
 ``first_step`` (norm + perturbation), ``second_step`` (restore + SGD step),
 ``sam_step`` (both; it includes attaching the gradients between the two,
 a few microseconds per hundred tensors), ``sampa_points``, ``sampa_update``.

@@ -1,4 +1,4 @@
-// Per-element math of the fused ops (DESIGN.md section 3), shared by the CPU
+// Per-element math of the fused ops (docs/design.md section 3), shared by the CPU
 // kernels (cpu/kernels.cpp) and the CUDA kernels (cuda/kernels.cu).
 //
 // The executable specification is sam_fast/backends/torch_ops.py: every

@@ -1,4 +1,4 @@
-// The sam_fast op schemas (DESIGN.md section 3) and the Python module
+// The sam_fast op schemas (docs/design.md section 3) and the Python module
 // sam_fast._C that carries them.
 //
 // Schemas mark every list an op writes with (x!) so functionalization (and so

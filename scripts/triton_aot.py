@@ -312,7 +312,7 @@ def op_matrix(tb: Any, torch: Any, dtypes: Iterable[str] = DTYPES) -> list[OpMat
                                                 asam=(False, True)), sumsq_call))
 
     # perturb_: the new contract (a global sum of squares; rho, eps, normalize, eta,
-    # grad_scale; see /work/notes/op_contract.md) once the backend has it, else the old one.
+    # grad_scale; docs/design.md section 3) once the backend has it, else the old one.
     perturb = tb.OPS["perturb_"]
     new_perturb = "sumsq" in inspect.signature(perturb).parameters
     axes: dict[str, tuple] = dict(dtype=dtypes, aligned=aligns, asam=(False, True))

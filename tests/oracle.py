@@ -1,4 +1,4 @@
-"""A float64 oracle written from the equations of DESIGN.md section 2.
+"""A float64 oracle written from the equations of docs/design.md section 2.
 
 Nothing here calls sam_fast or torch.optim: the base optimizers are the
 textbook formulas, the gradients come from a float64 copy of the model
@@ -96,7 +96,7 @@ def sam_trajectory(problem, base, steps, rho, adaptive=False, eta=0.0, normalize
 
 
 def sampa_trajectory(problem, base, calls, rho, lam, eps=1e-12):
-    """Weights after each SAMPa call (calls - 1 updates), with DESIGN.md's batch pairing."""
+    """Weights after each SAMPa call (calls - 1 updates), with docs/design.md's batch pairing."""
     x = problem.initial()
     g_y = problem.grad(x, 0)
     out = [x]

@@ -1,5 +1,5 @@
 """The compiled ops (``cpp`` on the CPU, ``cuda`` on a GPU) against the torch backend
-and against float64 formulas written from DESIGN.md / torch.optim's documentation.
+and against float64 formulas written from docs/design.md / torch.optim's documentation.
 
 Tolerances: both backends compute in fp32 and round once to the storage
 dtype, but they may associate and fuse (FMA) differently, so an element may

@@ -9,7 +9,7 @@ with gradients of a known smooth loss, and checks:
 - the ``torch`` backend's fused restore+step against ``torch.optim``'s own step
   (the fallback path, forced by a subclass of the base optimizer), bit for bit
   for float32/float64 weights, as the README claims;
-- every backend against a float64 oracle written from DESIGN.md section 2 and
+- every backend against a float64 oracle written from docs/design.md section 2 and
   the textbook optimizer formulas (``tests/oracle.py``), for float32/float64;
 - the bit-exact restore: after ``first_step`` + ``restore()``, and for every
   parameter ``second_step`` does not step (no gradient in the second pass), the
@@ -46,7 +46,7 @@ size <= |w| + 1 (the perturbation: 3-4; the gradient: 1, plus 0.3x the error
 of ``w + e``; SGD: <= 7 with weight decay, momentum, nesterov; Adam: <= 12 on an
 update of size lr * |m / sqrt(v)| <= 0.4, amplified <= 2.5x by the division),
 so C = 64 covers it with room; the global norm is accumulated in float32 over
-N elements, whose worst-case relative error is N * u (DESIGN.md: fp32
+N elements, whose worst-case relative error is N * u (docs/design.md: fp32
 accumulation; any order of summation is within that), and it scales ``e``,
 hence the ``+ N``. The map from one step's weights to the next has Lipschitz
 constant <= 1 + lr * 0.3 * 2.5 < 1.1, so errors of successive steps add (the
@@ -255,7 +255,7 @@ def run(spec: Spec, backend: str, fused: bool = True):
 
 
 def oracle_run(spec: Spec):
-    """The example in float64 from the equations (DESIGN.md section 2, torch.optim's semantics
+    """The example in float64 from the equations (docs/design.md section 2, torch.optim's semantics
     for missing gradients)."""
     params, coeffs, groups = build(spec)
     w = [p.detach().double() for p in params]

@@ -1,4 +1,4 @@
-"""SAMPa against the float64 oracle of DESIGN.md section 2 (batch pairing included).
+"""SAMPa against the float64 oracle of docs/design.md section 2 (batch pairing included).
 
 Tolerances as in test_sam.py: float64 runs agree with the float64 oracle to
 ~1e-15 here (1e-11 asserted); float32 runs stay within what float32 rounding

@@ -107,7 +107,7 @@ def _same_bits(a, b):
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-# -- float64 formulas, written from DESIGN.md section 2 and the torch.optim docs ----------
+# -- float64 formulas, written from docs/design.md section 2 and the torch.optim docs ----------
 
 
 def _sgd64(x, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, maximize, init):

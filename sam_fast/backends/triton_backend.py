@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the ops of DESIGN.md section 3 as multi-tensor Triton kernels.
+"""The ``triton`` backend: the ops of docs/design.md section 3 as multi-tensor Triton kernels.
 
 Each op receives one (device, dtype) group (the public ops in
 :mod:`sam_fast.ops` group and validate) with the exact signature and meaning

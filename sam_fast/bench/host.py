@@ -1,4 +1,4 @@
-"""The host's share of a step (DESIGN.md section 3, "The host's share"; issue 9).
+"""The host's share of a step (docs/design.md section 3, "The host's share"; issue 9).
 
 For every contender and preset: the preset's tensor *topology* (as many
 tensors as the model has) with tiny tensors (:data:`HOST_NUMEL` elements each),

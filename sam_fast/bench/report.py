@@ -437,7 +437,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
             "interquartile range over the median, the cell's noise); \"vs reference\" is "
             "the median over rounds of the reference loop's time over the contender's in the "
             "same round, on the same tensors. "
-            "\"of copy bw\" is the least traffic of the workload (DESIGN.md section 3) per "
+            "\"of copy bw\" is the least traffic of the workload (docs/design.md section 3) per "
             "second over the copy bandwidth measured right before the cell (over 100%: caches "
             "served part of the traffic). \"max rel diff\" is against "
             "sam_fast's torch backend after two steps from the same start.", "",

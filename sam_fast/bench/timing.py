@@ -1,6 +1,6 @@
 """Timers, the interleaved measurement loop, copy bandwidth and peak memory.
 
-Why the loop looks the way it does (DESIGN.md section 6):
+Why the loop looks the way it does (docs/design.md section 6):
 
 - Contenders are timed *interleaved*: every round times each contender once,
   in an order that rotates from round to round, so load from other processes

@@ -1,6 +1,6 @@
 """The byte model: the least memory traffic each timed workload needs.
 
-DESIGN.md section 3 gives, per fused op, the bytes it must move for N fp32
+docs/design.md section 3 gives, per fused op, the bytes it must move for N fp32
 elements ("4N" = one read or write of one tensor). Here every entry is a
 number of *passes* over the parameters, so the bytes of any dtype are
 ``passes * N * itemsize`` (the momentum buffers and backups share the
@@ -25,7 +25,7 @@ SAMPa's two fused updates (plus the norm of ``g_y`` that scales ``x~``):
 
 ``sampa_points_`` also writes the backup of ``x`` (``sampa_update_`` reads
 ``x`` from it, because the parameters hold ``y`` by then): 24N, where
-DESIGN.md's table says 20N (reads x, g_y, buf; writes x~, y). We count the
+docs/design.md's table says 20N (reads x, g_y, buf; writes x~, y). We count the
 24N the op must move.
 """
 

@@ -1,5 +1,5 @@
 """Measuring sharpness: the Hessian's trace and top eigenvalues, worst-case and
-adaptive sharpness (DESIGN.md section 7; docs/sharpness.md).
+adaptive sharpness (docs/design.md section 7; docs/sharpness.md).
 
 Every function takes ``(model, loss_fn, data, ...)``: ``data`` is one
 ``(inputs, targets)`` batch or an iterable of them, and
