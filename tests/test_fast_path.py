@@ -512,3 +512,32 @@ def test_cuda_graph_captures_a_fast_step():
     torch.cuda.synchronize()
     for w, t in zip(ws, twins):
         assert torch.equal(w, t)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_sampa_keeps_momentum_made_on_the_general_path(backend):
+    """Call 0 leaves one parameter without g_y: call 1 takes the general path, which makes
+    the momentum buffers in the base optimizer's state. The fast path of call 2 must use
+    those buffers, not lists it cached before they existed (which would start the momentum
+    again from zero). Against a base optimizer that always takes the general path."""
+
+    class PlainSGD(torch.optim.SGD):  # a subclass: no fused step, the general path always
+        pass
+
+    def run(model, opt):
+        for i, batch in enumerate(batches(5)):
+            def closure(batch=batch, i=i):
+                loss = loss_of(model, batch)
+                loss.backward()
+                if i == 0:
+                    model[-1].bias.grad = None
+                return loss
+            opt.step(closure)
+
+    a, b = small_cnn(0), small_cnn(0)
+    fast = SAMPa(a.parameters(), lr=0.1, momentum=0.9, backend=backend)
+    general = SAMPa(b.parameters(), PlainSGD, lr=0.1, momentum=0.9, backend=backend)
+    run(a, fast)
+    run(b, general)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
