@@ -1085,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                              "strength-2 cover (long: about an hour on two cores)")
     parser.add_argument("--strict", action="store_true",
                         help="an op that raises, or a kernel that no op launches, fails the "
-                             "check (for CI once perturb_/sampa_points_ have the new contract)")
+                             "check (CI runs with it)")
     parser.add_argument("--no-known", action="store_true",
                         help="fail on the defects listed in KNOWN too")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
