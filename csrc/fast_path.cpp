@@ -155,6 +155,12 @@ bool as_bool(PyObject* obj) {
   return v != 0;
 }
 
+long as_long(PyObject* obj) {
+  const long v = PyLong_AsLong(obj);
+  if (v == -1 && PyErr_Occurred()) throw python_error();
+  return v;
+}
+
 std::optional<double> as_optional_double(PyObject* obj) {
   if (obj == Py_None) return std::nullopt;
   return as_double(obj);
@@ -250,8 +256,7 @@ PyObject* bucket_set(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_nargs(nargs, 3, "bucket_set");
   BucketData& b = unpack_bucket(args[0]);
-  const long slot = PyLong_AsLong(args[1]);
-  if (slot == -1 && PyErr_Occurred()) throw python_error();
+  const long slot = as_long(args[1]);
   TORCH_CHECK(slot >= 0 && slot < kSlots, "no slot ", slot);
   if (args[2] == Py_None) {
     b.slots[slot].clear();
@@ -270,8 +275,7 @@ PyObject* bucket_get(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_nargs(nargs, 2, "bucket_get");
   BucketData& b = unpack_bucket(args[0]);
-  const long slot = PyLong_AsLong(args[1]);
-  if (slot == -1 && PyErr_Occurred()) throw python_error();
+  const long slot = as_long(args[1]);
   TORCH_CHECK(slot >= 0 && slot < kSlots, "no slot ", slot);
   const auto& tensors = b.slots[slot];
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(tensors.size()));
@@ -289,8 +293,7 @@ PyObject* take_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_nargs(nargs, 3, "take_grads");
   BucketData& b = unpack_bucket(args[0]);
-  const long slot = PyLong_AsLong(args[1]);
-  if (slot == -1 && PyErr_Occurred()) throw python_error();
+  const long slot = as_long(args[1]);
   TORCH_CHECK(slot == kGradsY || slot == kGradsTilde, "take_grads fills a gradient slot");
   const bool clear = as_bool(args[2]);
   Lists lists;
@@ -324,8 +327,7 @@ PyObject* sumsq(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   TORCH_CHECK_TYPE(PyTuple_Check(buckets) && PyTuple_GET_SIZE(buckets) > 0,
                    "buckets must be a non-empty tuple");
   const std::optional<double> eta = as_optional_double(args[1]);
-  const long slot = PyLong_AsLong(args[2]);
-  if (slot == -1 && PyErr_Occurred()) throw python_error();
+  const long slot = as_long(args[2]);
   TORCH_CHECK(slot == -1 || slot == kGradsY || slot == kGradsTilde,
               "sumsq reads the gradients or a gradient slot");
   std::vector<at::Tensor> grads;

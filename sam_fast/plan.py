@@ -130,8 +130,8 @@ class Plan:
     dtensor: bool
     params: list[Tensor]
     fast: bool = False
-    """Every bucket has a C++ handle: the plan checks :func:`head_key` in Python only."""
-    head: tuple = ()
+    """Every bucket has a C++ handle: the plan checks :func:`head_key` (``key[:3]``) in
+    Python only."""
 
 
 def group_layout(groups: Sequence[dict]) -> tuple:
@@ -140,7 +140,8 @@ def group_layout(groups: Sequence[dict]) -> tuple:
 
 
 def head_key(groups: list[dict], state: Any) -> tuple:
-    """The part of the layout key a fast plan checks in Python (the handles check the rest)."""
+    """The part of the layout key a fast plan checks in Python (the handles check the rest):
+    ``layout_key(...)[:3]``."""
     return (id(groups), id(state), group_layout(groups))
 
 
@@ -169,7 +170,7 @@ def layout_key(groups: list[dict], state: Any, params: Sequence[Tensor],
     ``dtensor=False`` (the plan has no DTensor) reads the addresses with one C-level
     map; DTensors stand for their local shards."""
     addresses = tuple(map(_address if dtensor else _data_ptr, params))
-    return (id(groups), id(state), group_layout(groups), addresses)
+    return (*head_key(groups, state), addresses)
 
 
 def flat_params(groups: Sequence[dict]) -> list[Tensor]:
@@ -279,7 +280,7 @@ def build(groups: list[dict], state_of: Callable[[Tensor], dict], backend: str,
     home = buckets[0].device if buckets else torch.device("cpu")
     is_fast = bool(buckets) and all(b.fast is not None for b in buckets)
     return Plan(key, buckets, list(parts.values()), home, any(b.dtensor for b in buckets),
-                flat_params(groups), fast=is_fast, head=key[:3])
+                flat_params(groups), fast=is_fast)
 
 
 def _backup(state: dict, t: Tensor) -> Tensor:
@@ -300,6 +301,11 @@ def fast_total_sumsq(plan: Plan, slot: int = -1) -> Tensor | int:
         if type(total) is int:
             return total
         partials.append(total)
+    return _sum_partials(plan, partials)
+
+
+def _sum_partials(plan: Plan, partials: list[Tensor]) -> Tensor:
+    """The norm parts' sums of squares as one, on the plan's home device (fp64 if any is)."""
     if len(partials) == 1:
         return partials[0]
     acc = torch.float64 if any(p.dtype == torch.float64 for p in partials) else torch.float32
@@ -318,11 +324,7 @@ def total_sumsq(plan: Plan, grads_by_bucket: Sequence[Sequence[Tensor]],
             grads = [g for bi in part.buckets for g in grads_by_bucket[bi]]
         partials.append(part.impl(grads, part.weights, part.eta) if part.eta is not None
                         else part.impl(grads))
-    if len(partials) == 1:
-        total = partials[0]
-    else:
-        acc = torch.float64 if any(p.dtype == torch.float64 for p in partials) else torch.float32
-        total = torch.stack([p.to(plan.home, acc, non_blocking=True) for p in partials]).sum()
+    total = _sum_partials(plan, partials)
     if plan.dtensor:
         from .distributed import all_reduce_sumsq
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -104,9 +105,12 @@ class StepState:
     """What changes from step to step: the plan of the current layout, and the
     perturbation in flight (shared by every copy of the optimizer's ``__dict__``)."""
 
-    __slots__ = ("plan", "perturbed", "sumsq", "norm", "grads_y")
+    __slots__ = ("owner", "plan", "perturbed", "sumsq", "norm", "grads_y")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Optimizer) -> None:
+        # The optimizer the state was made for: a wrapper holding a copy of its __dict__
+        # (LightningOptimizer) runs our methods with itself as ``self``.
+        self.owner = weakref.ref(owner)
         self.plan: plan.Plan | None = None
         # Per bucket of the plan: None (every tensor perturbed), or the positions
         # perturbed; the whole list is None when nothing is perturbed.
@@ -137,7 +141,7 @@ class SharpnessOptimizer(Optimizer):
         self.backend = backend
         # Mutable step state lives in one object that every shallow copy of this
         # optimizer's __dict__ shares (LightningOptimizer and other wrappers copy it).
-        self._step_state = StepState()
+        self._step_state = StepState(self)
 
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -259,7 +263,7 @@ class SharpnessOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._step_state = StepState()
+        self._step_state = StepState(self)
 
     # -- the plan -------------------------------------------------------------------------------
 
@@ -284,7 +288,7 @@ class SharpnessOptimizer(Optimizer):
         if current is not None:
             if current.fast:
                 # the handles check each parameter on every call (LAYOUT_CHANGED: _replan)
-                if plan.head_key(groups, self.base_optimizer.state) == current.head:
+                if plan.head_key(groups, self.base_optimizer.state) == current.key[:3]:
                     return current
             # the groups' current parameters: an element replaced in place is a new layout
             elif plan.layout_key(groups, self.base_optimizer.state, plan.flat_params(groups),
@@ -324,10 +328,10 @@ class SharpnessOptimizer(Optimizer):
         self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
         # Called through a wrapper that holds a shallow copy of our __dict__ (Lightning's
         # LightningOptimizer, in manual optimization), the flag above lands in the copy;
-        # the scheduler reads the optimizer it was built with, which the wrapper keeps.
-        original = self.__dict__.get("_optimizer")
-        if isinstance(original, Optimizer):
-            original._opt_called = True  # type: ignore[attr-defined]
+        # a scheduler reads the optimizer it was built with: the step state's owner.
+        owner = self._step_state.owner()
+        if owner is not None and owner is not self:
+            owner._opt_called = True  # type: ignore[attr-defined]
 
     def _base_step_on(self, groups: list[dict]) -> None:
         """``base_optimizer.step()`` for ``groups`` only: the other groups' gradients are

@@ -46,7 +46,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .. import dispatch
-from .contenders import Contender, Hyper, NormRunner, SampaRunner, SamRunner
+from .contenders import Contender, Hyper
+from .micro import _make_runner, _run_phases
 from .presets import Preset
 
 H200_COPY_BANDWIDTH = 4.3e12
@@ -269,23 +270,6 @@ class MetaWorkspace:
             p.grad = g
 
 
-def _runner(c: Contender, task: str, ws: MetaWorkspace, hp: Hyper) -> Any:
-    if task == "sam_step":
-        stepper = c.sam_stepper(ws.params, hp)
-        return None if stepper is None else SamRunner(ws, stepper)  # type: ignore[arg-type]
-    if task == "sampa_step":
-        impl = c.sampa_ops(ws, hp)  # type: ignore[arg-type]
-        return None if impl is None else SampaRunner(impl)
-    fn = c.norm_fn(ws.params)
-    return None if fn is None else NormRunner(ws, fn)  # type: ignore[arg-type]
-
-
-def _one_step(runner: Any) -> None:
-    for phase in runner.phases:
-        runner.pre(phase)
-        runner.run(phase)
-
-
 def count_pytorch(c: Contender, task: str, preset: Preset, dtype: torch.dtype, hp: Hyper
                   ) -> Counts | None:
     """The ATen-level counts of one steady-state step of a PyTorch contender, or None
@@ -293,14 +277,14 @@ def count_pytorch(c: Contender, task: str, preset: Preset, dtype: torch.dtype, h
     ws = MetaWorkspace(preset, dtype)
     counter = _AtenCounter()
     with _cuda_defaults(), torch.no_grad():
-        runner = _runner(c, task, ws, hp)
+        runner = _make_runner(c, task, ws, hp)  # type: ignore[arg-type]
         if runner is None:
             return None
         counter.active = False
         with counter:
-            _one_step(runner)  # state created (momentum buffers): not the steady state
+            _run_phases(runner)  # state created (momentum buffers): not the steady state
             counter.active = True
-            _one_step(runner)
+            _run_phases(runner)
     return counter.counts
 
 
@@ -313,12 +297,12 @@ def count_fused(task: str, preset: Preset, dtype: torch.dtype, hp: Hyper
     ws = MetaWorkspace(preset, dtype)
     calls: list[FusedCall] = []
     with _recording_fused_ops(calls), torch.no_grad():
-        runner = _runner(SamFast("torch"), task, ws, hp)
+        runner = _make_runner(SamFast("torch"), task, ws, hp)  # type: ignore[arg-type]
         if runner is None:
             return None
-        _one_step(runner)
+        _run_phases(runner)
         calls.clear()
-        _one_step(runner)
+        _run_phases(runner)
     itemsize = torch.empty((), dtype=dtype).element_size()
     cuda, triton = Counts(), Counts()
     for call in calls:
