@@ -308,6 +308,20 @@ PyObject* take_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// clear_grads(bucket) -> int: every parameter's .grad set to None (as `p.grad = None`),
+// when the plan still holds.
+PyObject* clear_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_nargs(nargs, 1, "clear_grads");
+  Lists lists;
+  const int status = gather(unpack_bucket(args[0]), lists, false);
+  if (status == kOk) {
+    for (at::Tensor& p : lists.params) p.mutable_grad().reset();
+  }
+  return PyLong_FromLong(status);
+  END_HANDLE_TH_ERRORS
+}
+
 // check(bucket) -> int: whether the plan still holds (kOk or kLayoutChanged).
 PyObject* check(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -546,6 +560,8 @@ PyMethodDef kMethods[] = {
      METH_FASTCALL, "bucket_get(bucket, slot) -> list of tensors"},
     {"take_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&take_grads)),
      METH_FASTCALL, "take_grads(bucket, slot, clear) -> status"},
+    {"clear_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&clear_grads)),
+     METH_FASTCALL, "clear_grads(bucket) -> status"},
     {"check", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&check)),
      METH_FASTCALL, "check(bucket) -> status"},
     {"sumsq", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&sumsq)),

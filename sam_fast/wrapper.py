@@ -360,6 +360,14 @@ class SharpnessOptimizer(Optimizer):
         if not set_to_none or _profiler_enabled():
             super().zero_grad(set_to_none)
             return
+        current = self._step_state.plan
+        if (current is not None and current.fast and self.param_groups is
+                self.base_optimizer.param_groups and plan.head_key(
+                    self.param_groups, self.base_optimizer.state) == current.key[:3]):
+            # The handles cover every parameter of the groups; each checks its own part.
+            clear = plan.fast.clear_grads
+            if all([clear(b.fast) == plan.OK for b in current.buckets]):
+                return
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
