@@ -541,3 +541,20 @@ def test_sampa_keeps_momentum_made_on_the_general_path(backend):
     run(b, general)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_grad_through_the_handles_and_after_a_layout_change(counting):
+    torch.manual_seed(0)
+    w, v = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    opt = SAM([w, v], torch.optim.SGD, lr=0.1, backend="cpp")
+    for p in (w, v):
+        p.grad = torch.ones_like(p)
+    opt.first_step(zero_grad=True)  # the plan exists from here on
+    assert w.grad is None and v.grad is None
+    assert counting.calls.get("clear_grads", 0) == 1
+    extra = nn.Parameter(torch.zeros(2))
+    opt.param_groups[0]["params"].append(extra)  # the handle no longer covers the group
+    for p in (w, v, extra):
+        p.grad = torch.ones_like(p)
+    opt.zero_grad()
+    assert w.grad is None and v.grad is None and extra.grad is None
