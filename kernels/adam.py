@@ -17,39 +17,34 @@ from __future__ import annotations
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, kernel, operand, pow_int, to_storage
+from .common import (amp_args, amp_scalars, chunk_of, device_fn, kernel, mul_rn, operand,
+                     pow_int, to_storage)
 from .tables import BLOCK, CHUNK, LAUNCH, Table
 
 
 @device_fn
 def _adam_block(p, b, g, m, v, vmax, offs, mask, keep, inv_scale, beta2, lerp_w, one_minus_beta2,
-                eps, weight_decay, decay, bc2_sqrt, step_size, DT: tl.constexpr,
-                HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_WD: tl.constexpr,
-                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                LERP_SMALL: tl.constexpr):
+                eps, weight_decay, decay, bc2_sqrt, step_size, maximize, lerp_small,
+                DT: tl.constexpr, HAS_WD: tl.constexpr, AMSGRAD: tl.constexpr):
     x_raw = tl.load(b + offs, mask=mask)
-    x = x_raw.to(tl.float32)
-    grad = tl.load(g + offs, mask=mask).to(tl.float32)
-    if HAS_SCALE:
-        grad = grad * inv_scale
-    if MAXIMIZE:
-        grad = -grad
-    if HAS_WD:
-        if DECOUPLED:
-            x = x * decay
-        else:
-            grad = grad + weight_decay * x
+    # AdamW's decay factor is 1.0 for Adam and without weight decay, the grad scale's
+    # reciprocal 1.0 without a GradScaler: both exact, and never contracted (mul_rn), as
+    # PyTorch's separate mul_ and unscale kernels round them.
+    x = mul_rn(x_raw.to(tl.float32), decay)
+    grad = mul_rn(tl.load(g + offs, mask=mask).to(tl.float32), inv_scale)
+    grad = tl.where(maximize, -grad, grad)
+    if HAS_WD:  # Adam's coupled weight decay (``grad + 0 * x`` is not ``grad``: a constexpr)
+        grad = grad + weight_decay * x
     m_raw = tl.load(m + offs, mask=mask)
     v_raw = tl.load(v + offs, mask=mask)
     exp_avg = m_raw.to(tl.float32)
     exp_avg_sq = v_raw.to(tl.float32)
-    # torch.lerp's two-sided formula, so that it agrees with PyTorch's rounding.
+    # torch.lerp's two-sided formula (the side chosen on the host, a runtime flag),
+    # so that it agrees with PyTorch's rounding; 1 - w in fp32 as torch.lerp does (a
+    # Python float under the interpreter: cast).
     diff = grad - exp_avg
-    if LERP_SMALL:
-        new_m = exp_avg + lerp_w * diff
-    else:
-        # 1 - w in fp32 as torch.lerp does (a Python float under the interpreter: cast).
-        new_m = grad - diff * (1.0 - tl.cast(lerp_w, tl.float32))
+    new_m = tl.where(lerp_small, exp_avg + lerp_w * diff,
+                     grad - diff * (1.0 - tl.cast(lerp_w, tl.float32)))
     new_v = exp_avg_sq * beta2 + (one_minus_beta2 * grad) * grad
     if AMSGRAD:
         max_raw = tl.load(vmax + offs, mask=mask)
@@ -60,20 +55,14 @@ def _adam_block(p, b, g, m, v, vmax, offs, mask, keep, inv_scale, beta2, lerp_w,
     # IEEE division and square root, as PyTorch's kernels (not the approximate ones).
     denom = tl.math.div_rn(root, bc2_sqrt) + eps
     new_x = x + tl.math.div_rn(new_m, denom) * step_size
-    new_x = to_storage(new_x, DT)
-    new_m = to_storage(new_m, DT)
-    new_v = to_storage(new_v, DT)
-    if HAS_INF:
-        # Skipped: w restored, the state's old bits written back (see sgd.py).
-        new_x = tl.where(keep, new_x, x_raw)
-        new_m = tl.where(keep, new_m, m_raw)
-        new_v = tl.where(keep, new_v, v_raw)
+    # A skipped step (keep false): w restored, the state's old bits written back (sgd.py).
+    new_x = tl.where(keep, to_storage(new_x, DT), x_raw)
+    new_m = tl.where(keep, to_storage(new_m, DT), m_raw)
+    new_v = tl.where(keep, to_storage(new_v, DT), v_raw)
     tl.store(m + offs, new_m, mask=mask)
     tl.store(v + offs, new_v, mask=mask)
     if AMSGRAD:
-        new_max = to_storage(new_max, DT)
-        if HAS_INF:
-            new_max = tl.where(keep, new_max, max_raw)
+        new_max = tl.where(keep, to_storage(new_max, DT), max_raw)
         tl.store(vmax + offs, new_max, mask=mask)
     tl.store(p + offs, new_x, mask=mask)
 
@@ -82,9 +71,8 @@ def _adam_block(p, b, g, m, v, vmax, offs, mask, keep, inv_scale, beta2, lerp_w,
 def _restore_adam_kernel(blocks, B, p_row, b_row, g_row, m_row, v_row, vmax_row, step_row,
                          grad_scale, found_inf, beta1, beta2, lerp_w, one_minus_beta2,
                          eps, weight_decay, decay, neg_lr, host_step_size, host_bc2_sqrt,
-                         DT: tl.constexpr, STEP_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         HAS_INF: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
-                         AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_SMALL: tl.constexpr,
+                         has_scale, has_inf, maximize, lerp_small, DT: tl.constexpr,
+                         STEP_DT: tl.constexpr, HAS_WD: tl.constexpr, AMSGRAD: tl.constexpr,
                          DEVICE_STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                          CHUNK: tl.constexpr):
     t, start, rem = chunk_of(blocks, B, CHUNK)
@@ -96,12 +84,7 @@ def _restore_adam_kernel(blocks, B, p_row, b_row, g_row, m_row, v_row, vmax_row,
     vmax = v
     if AMSGRAD:
         vmax = operand(vmax_row, t, start, DT, ALIGNED)
-    inv_scale = 1.0
-    if HAS_SCALE:
-        inv_scale = tl.math.div_rn(1.0, tl.load(grad_scale).to(tl.float32))
-    keep = False  # unused unless HAS_INF
-    if HAS_INF:
-        keep = tl.load(found_inf) == 0
+    inv_scale, keep = amp_scalars(grad_scale, found_inf, has_scale, has_inf)
     if DEVICE_STEPS:
         # This tensor's counter (already advanced for this step), from its own row.
         counter = operand(step_row, t, 0, STEP_DT, False)
@@ -116,13 +99,13 @@ def _restore_adam_kernel(blocks, B, p_row, b_row, g_row, m_row, v_row, vmax_row,
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
         _adam_block(p, b, g, m, v, vmax, off + tl.arange(0, BLOCK), None, keep, inv_scale, beta2,
-                    lerp_w, one_minus_beta2, eps, weight_decay, decay, bc2_sqrt, step_size, DT,
-                    HAS_SCALE, HAS_INF, HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, LERP_SMALL)
+                    lerp_w, one_minus_beta2, eps, weight_decay, decay, bc2_sqrt, step_size,
+                    maximize, lerp_small, DT, HAS_WD, AMSGRAD)
     if n_full < rem:
         offs = n_full + tl.arange(0, BLOCK)
         _adam_block(p, b, g, m, v, vmax, offs, offs < rem, keep, inv_scale, beta2, lerp_w,
-                    one_minus_beta2, eps, weight_decay, decay, bc2_sqrt, step_size, DT, HAS_SCALE,
-                    HAS_INF, HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, LERP_SMALL)
+                    one_minus_beta2, eps, weight_decay, decay, bc2_sqrt, step_size, maximize,
+                    lerp_small, DT, HAS_WD, AMSGRAD)
 
 
 def restore_adam(table: Table, dtype: tl.dtype, *, lr: float, beta1: float, beta2: float,
@@ -139,20 +122,19 @@ def restore_adam(table: Table, dtype: tl.dtype, *, lr: float, beta1: float, beta
     rows = table.rows
     vmax_row = rows[5] if amsgrad else rows[0]  # never read without AMSGRAD
     step_row = rows[-1] if step_dtype is not None else rows[0]  # nor without DEVICE_STEPS
-    dummy = table.blocks  # stands in for absent device scalars; never read
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
     weight_decay = float(weight_decay)
+    decoupled = bool(decoupled_weight_decay) and weight_decay != 0
     lerp_w = 1.0 - beta1
     _restore_adam_kernel[(table.n_blocks,)](
         table.blocks, table.n_blocks, rows[0], rows[1], rows[2], rows[3], rows[4], vmax_row,
-        step_row, dummy if grad_scale is None else grad_scale,
-        dummy if found_inf is None else found_inf,
-        beta1, beta2, lerp_w, 1.0 - beta2, float(eps), weight_decay, 1.0 - lr * weight_decay,
-        -lr, float(host_step_size), float(host_bc2_sqrt),
+        step_row, *amp_args(table, grad_scale, found_inf),
+        beta1, beta2, lerp_w, 1.0 - beta2, float(eps), weight_decay,
+        1.0 - lr * weight_decay if decoupled else 1.0, -lr, float(host_step_size),
+        float(host_bc2_sqrt), grad_scale is not None, found_inf is not None, bool(maximize),
+        abs(lerp_w) < 0.5,
         DT=dtype, STEP_DT=step_dtype if step_dtype is not None else dtype,
-        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-        HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
-        MAXIMIZE=bool(maximize), LERP_SMALL=abs(lerp_w) < 0.5,
+        HAS_WD=weight_decay != 0 and not decoupled, AMSGRAD=bool(amsgrad),
         DEVICE_STEPS=step_dtype is not None, ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
         **LAUNCH,
     )

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 import triton
 import triton.language as tl
 
@@ -53,7 +54,9 @@ def kernel(fn: F) -> F:
     compilation whenever a count first crosses one of those values, possibly
     inside a CUDA graph capture. So only the constexpr flags choose variants;
     the launchers pass every float hyperparameter as a Python float (Python
-    ints would arrive as i32, another variant).
+    ints would arrive as i32, another variant) and every runtime option flag as
+    a Python bool (docs/triton.md, "Specialisation", says which options are
+    constexprs and why).
     """
     return triton.jit(fn, do_not_specialize=runtime_args(fn))
 
@@ -114,6 +117,57 @@ def to_storage(x, DT: tl.constexpr):
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DT)
+
+
+# mul_rn(a, b): ``a * b`` rounded once, as a product of its own that ptxas may not
+# contract into an fma with a later add. For the multiplies by a factor that is 1.0
+# unless an option is on (the grad scale's reciprocal, AdamW's decay): a plain
+# ``a * b`` feeding an add may be fused by ptxas into ``fma(a, b, c)`` (FMA contraction
+# is on, see tables.LAUNCH), which rounds once where PyTorch (a separate unscale or
+# ``mul_`` kernel) rounds the product first and, with ``b == 1.0``, is not the add
+# PyTorch computes at all. ``mul.rn`` is never contracted, so such a factor can be a
+# runtime argument instead of a compile-time flag (one kernel variant, not two) without
+# changing a bit. Under the interpreter (numpy: no contraction) it is the plain product.
+if _interpreting():
+    def mul_rn(a, b):
+        return a * b
+else:
+    @triton.jit
+    def mul_rn(a, b):
+        # Inline PTX, not libdevice's __nv_fmul_rn: Triton resolves libdevice's FTZ switch
+        # to flush-to-zero (mul.rn.ftz), which would zero subnormal gradients.
+        a, b = tl.broadcast(a, b)
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@device_fn
+def amp_scalars(grad_scale, found_inf, has_scale, has_inf):
+    """(``1 / S``, whether the step is kept) from GradScaler's device scalars: ``1.0``
+    and True where the runtime flags say a scalar is absent. Both pointers are always
+    valid fp32 buffers (an absent one is :func:`amp_args`'s stand-in), so both loads run
+    unconditionally and a select drops what a flag says is absent."""
+    inv_scale = tl.where(has_scale, tl.math.div_rn(1.0, tl.load(grad_scale).to(tl.float32)),
+                         1.0)
+    keep = (tl.load(found_inf) == 0) | (has_inf == 0)
+    return inv_scale, keep
+
+
+def amp_args(table, grad_scale, found_inf) -> tuple:
+    """The ``(grad_scale, found_inf)`` pointers of a launch: fp32 device scalars, the
+    table's stand-in buffer where one is absent (see :func:`amp_scalars`)."""
+    stand_in = table.stand_in
+    if stand_in is None:
+        stand_in = table.blocks.view(torch.float32)
+    if grad_scale is None:
+        grad_scale = stand_in
+    elif grad_scale.dtype != torch.float32:
+        grad_scale = grad_scale.float()  # one pointer type: one variant
+    if found_inf is None:
+        found_inf = stand_in
+    elif found_inf.dtype != torch.float32:
+        found_inf = found_inf.float()
+    return grad_scale, found_inf
 
 
 @device_fn

@@ -7,6 +7,7 @@ chain of tiny scalar ops and reads nothing on the host.
 
 from __future__ import annotations
 
+import torch
 import triton.language as tl
 from torch import Tensor
 
@@ -18,32 +19,32 @@ FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @device_fn
-def perturbation_scale(sumsq, grad_scale, rho, eps, NORMALIZE: tl.constexpr,
-                       HAS_SCALE: tl.constexpr):
-    """``rho / (sqrt(sumsq) + eps)`` (``rho`` when not NORMALIZE) as the torch backend's
+def perturbation_scale(sumsq, grad_scale, rho, eps, normalize, has_scale):
+    """``rho / (sqrt(sumsq) + eps)`` (``rho`` when not ``normalize``) as the torch backend's
     ``perturbation_scale`` computes it, rounding for rounding (docs: op contract):
     correctly rounded sqrt and reciprocal, the add kept apart from any product,
-    then the product with rho; ``grad_scale`` S (device scalar) makes it
-    ``rho / (sqrt(sumsq) + S * eps)`` or ``rho / S``. 0 when sumsq is not finite.
+    then the product with rho; ``grad_scale`` S (device scalar, read when ``has_scale``)
+    makes it ``rho / (sqrt(sumsq) + S * eps)`` or ``rho / S``. 0 when sumsq is not finite.
+
+    ``normalize`` and ``has_scale`` are runtime flags (this is scalar code, once per
+    program): without a scale S is 1.0, and every formula below then computes exactly
+    what the unscaled one does (``fma(1, eps, 0) == eps``, ``(1 / 1) * rho == rho``).
+    ``grad_scale`` must be a valid fp32 pointer either way (it is loaded unconditionally).
     """
     ss = tl.load(sumsq).to(tl.float32)
     # rho and eps are fp32 arguments when compiled; under the interpreter they are
     # Python floats, which Triton would widen to fp64 if they were tiny: round here.
     rho_f = tl.cast(rho, tl.float32)
-    if NORMALIZE:
-        eps_term = tl.cast(eps, tl.float32)
-        if HAS_SCALE:
-            # fp32(S * eps): an fma with a zero addend is the product rounded once,
-            # and unlike a plain multiply it cannot be contracted into an fma with
-            # the add below (FMA contraction is on for these kernels; a contracted
-            # norm + S*eps would round once where PyTorch rounds twice).
-            eps_term = tl.fma(tl.load(grad_scale).to(tl.float32), eps_term, 0.0)
-        denom = tl.sqrt_rn(ss) + eps_term
-        scale = tl.math.div_rn(1.0, denom) * rho_f  # PyTorch: reciprocal, then * rho
-    elif HAS_SCALE:
-        scale = tl.math.div_rn(1.0, tl.load(grad_scale).to(tl.float32)) * rho_f
-    else:
-        scale = rho_f
+    scale_s = tl.where(has_scale, tl.load(grad_scale).to(tl.float32), 1.0)
+    # fp32(S * eps): an fma with a zero addend is the product rounded once, and unlike a
+    # plain multiply it cannot be contracted into an fma with the add below (FMA
+    # contraction is on for these kernels; a contracted norm + S*eps would round once
+    # where PyTorch rounds twice).
+    eps_term = tl.fma(scale_s, tl.cast(eps, tl.float32), 0.0)
+    denom = tl.sqrt_rn(ss) + eps_term
+    normalized = tl.math.div_rn(1.0, denom) * rho_f  # PyTorch: reciprocal, then * rho
+    plain = tl.math.div_rn(1.0, scale_s) * rho_f
+    scale = tl.where(normalize, normalized, plain)
     return tl.where(tl.abs(ss) <= FP32_MAX, scale, 0.0)
 
 
@@ -64,15 +65,14 @@ def _perturb_block(p, g, b, offs, mask, s, eta, DT: tl.constexpr, ASAM: tl.const
 
 @kernel
 def _perturb_kernel(blocks, B, p_row, g_row, b_row, sumsq, grad_scale, rho, eps, eta,
-                    DT: tl.constexpr, ASAM: tl.constexpr, NORMALIZE: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                    CHUNK: tl.constexpr):
+                    normalize, has_scale, DT: tl.constexpr, ASAM: tl.constexpr,
+                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, start, rem = chunk_of(blocks, B, CHUNK)
     p = operand(p_row, t, start, DT, ALIGNED)
     g = operand(g_row, t, start, DT, ALIGNED)
     b = operand(b_row, t, start, DT, ALIGNED)
     # Device scalars, read here: no host sync. A few flops per program.
-    s = perturbation_scale(sumsq, grad_scale, rho, eps, NORMALIZE, HAS_SCALE)
+    s = perturbation_scale(sumsq, grad_scale, rho, eps, normalize, has_scale)
     eta_f = tl.cast(eta, tl.float32)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
@@ -103,13 +103,14 @@ def perturb(table: Table, dtype: tl.dtype, sumsq: Tensor, *, rho: float, eps: fl
     """Operands (params, grads, backups): ``backups <- w``, ``w <- w + e``, the scale
     derived in the kernel from ``sumsq`` (0-dim fp32 device tensor)."""
     p_row, g_row, b_row = table.rows
+    if grad_scale is not None and grad_scale.dtype != torch.float32:
+        grad_scale = grad_scale.float()  # one pointer type: one variant
     _perturb_kernel[(table.n_blocks,)](
         table.blocks, table.n_blocks, p_row, g_row, b_row, sumsq,
-        sumsq if grad_scale is None else grad_scale,  # never read without HAS_SCALE
-        float(rho), float(eps), 0.0 if eta is None else float(eta),
-        DT=dtype, ASAM=eta is not None, NORMALIZE=bool(normalize),
-        HAS_SCALE=grad_scale is not None, ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
-        **LAUNCH,
+        sumsq if grad_scale is None else grad_scale,  # read, and unused without a scale
+        float(rho), float(eps), 0.0 if eta is None else float(eta), bool(normalize),
+        grad_scale is not None, DT=dtype, ASAM=eta is not None, ALIGNED=table.aligned,
+        BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
     )
 
 

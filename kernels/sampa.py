@@ -21,16 +21,16 @@ from .tables import BLOCK, CHUNK, LAUNCH, Table
 
 @device_fn
 def _points_block(p, g, m, b, y, offs, mask, s, lr, momentum, one_minus_dampening, weight_decay,
-                  DT: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
-                  NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT: tl.constexpr):
+                  maximize, init, DT: tl.constexpr, HAS_WD: tl.constexpr,
+                  MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
     x_raw = tl.load(p + offs, mask=mask)
     x = x_raw.to(tl.float32)
     grad = tl.load(g + offs, mask=mask).to(tl.float32)
-    buf = grad  # not read unless MOMENTUM and not INIT
-    if MOMENTUM and not INIT:
+    buf = grad  # not read without MOMENTUM; read but unused on the first step (init)
+    if MOMENTUM:
         buf = tl.load(m + offs, mask=mask).to(tl.float32)
     d, _ = sgd_direction(x, grad, buf, momentum, one_minus_dampening, weight_decay,
-                         HAS_WD, MOMENTUM, NESTEROV, MAXIMIZE, INIT)
+                         maximize, init, HAS_WD, MOMENTUM, NESTEROV)
     tl.store(y + offs, to_storage(x + (-lr) * d, DT), mask=mask)
     # scale == 0 (a non-finite norm): x~ = x exactly, even where g_y is inf/NaN.
     e = tl.where(s != 0.0, grad * s, 0.0)
@@ -40,10 +40,9 @@ def _points_block(p, g, m, b, y, offs, mask, s, lr, momentum, one_minus_dampenin
 
 @kernel
 def _points_kernel(blocks, B, p_row, g_row, b_row, y_row, m_row, sumsq, rho, eps, lr, momentum,
-                   one_minus_dampening, weight_decay, DT: tl.constexpr, HAS_WD: tl.constexpr,
-                   MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   INIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                   CHUNK: tl.constexpr):
+                   one_minus_dampening, weight_decay, maximize, init, DT: tl.constexpr,
+                   HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     # Operands: params, grads_y, backups, ys[, momentum_buffers].
     t, start, rem = chunk_of(blocks, B, CHUNK)
     p = operand(p_row, t, start, DT, ALIGNED)
@@ -51,35 +50,34 @@ def _points_kernel(blocks, B, p_row, g_row, b_row, y_row, m_row, sumsq, rho, eps
     b = operand(b_row, t, start, DT, ALIGNED)
     y = operand(y_row, t, start, DT, ALIGNED)
     m = p
-    if MOMENTUM and not INIT:
+    if MOMENTUM:  # on the first step (init) the params' row stands in: read, unused
         m = operand(m_row, t, start, DT, ALIGNED)
     # SAM's normalized scale without a grad scale (SAMPa has none), 0 when not finite.
     s = perturbation_scale(sumsq, sumsq, rho, eps, True, False)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
         _points_block(p, g, m, b, y, off + tl.arange(0, BLOCK), None, s, lr, momentum,
-                      one_minus_dampening, weight_decay, DT, HAS_WD, MOMENTUM, NESTEROV,
-                      MAXIMIZE, INIT)
+                      one_minus_dampening, weight_decay, maximize, init, DT, HAS_WD, MOMENTUM,
+                      NESTEROV)
     if n_full < rem:
         offs = n_full + tl.arange(0, BLOCK)
         _points_block(p, g, m, b, y, offs, offs < rem, s, lr, momentum, one_minus_dampening,
-                      weight_decay, DT, HAS_WD, MOMENTUM, NESTEROV, MAXIMIZE, INIT)
+                      weight_decay, maximize, init, DT, HAS_WD, MOMENTUM, NESTEROV)
 
 
 @device_fn
 def _update_block(p, b, gt, gy, m, offs, mask, lam, one_minus_lam, lr, momentum,
-                  one_minus_dampening, weight_decay, DT: tl.constexpr, HAS_WD: tl.constexpr,
-                  MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  INIT: tl.constexpr):
+                  one_minus_dampening, weight_decay, maximize, init, DT: tl.constexpr,
+                  HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
     x = tl.load(b + offs, mask=mask).to(tl.float32)
     g_tilde = tl.load(gt + offs, mask=mask).to(tl.float32)
     g_y = tl.load(gy + offs, mask=mask).to(tl.float32)
     grad = g_tilde * one_minus_lam + lam * g_y
-    buf = grad  # not read unless MOMENTUM and not INIT
-    if MOMENTUM and not INIT:
+    buf = grad  # not read without MOMENTUM; read but unused on the first step (init)
+    if MOMENTUM:
         buf = tl.load(m + offs, mask=mask).to(tl.float32)
     d, new_buf = sgd_direction(x, grad, buf, momentum, one_minus_dampening, weight_decay,
-                               HAS_WD, MOMENTUM, NESTEROV, MAXIMIZE, INIT)
+                               maximize, init, HAS_WD, MOMENTUM, NESTEROV)
     if MOMENTUM:
         tl.store(m + offs, to_storage(new_buf, DT), mask=mask)
     tl.store(p + offs, to_storage(x + (-lr) * d, DT), mask=mask)
@@ -87,10 +85,10 @@ def _update_block(p, b, gt, gy, m, offs, mask, lam, one_minus_lam, lr, momentum,
 
 @kernel
 def _update_kernel(blocks, B, p_row, b_row, gt_row, gy_row, m_row, lam, one_minus_lam, lr,
-                   momentum, one_minus_dampening, weight_decay, DT: tl.constexpr,
-                   HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, INIT: tl.constexpr, ALIGNED: tl.constexpr,
-                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                   momentum, one_minus_dampening, weight_decay, maximize, init,
+                   DT: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                   CHUNK: tl.constexpr):
     # Operands: params, backups, grads_tilde, grads_y[, momentum_buffers].
     t, start, rem = chunk_of(blocks, B, CHUNK)
     p = operand(p_row, t, start, DT, ALIGNED)
@@ -103,13 +101,13 @@ def _update_kernel(blocks, B, p_row, b_row, gt_row, gy_row, m_row, lam, one_minu
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
         _update_block(p, b, gt, gy, m, off + tl.arange(0, BLOCK), None, lam, one_minus_lam, lr,
-                      momentum, one_minus_dampening, weight_decay, DT, HAS_WD, MOMENTUM,
-                      NESTEROV, MAXIMIZE, INIT)
+                      momentum, one_minus_dampening, weight_decay, maximize, init, DT, HAS_WD,
+                      MOMENTUM, NESTEROV)
     if n_full < rem:
         offs = n_full + tl.arange(0, BLOCK)
         _update_block(p, b, gt, gy, m, offs, offs < rem, lam, one_minus_lam, lr, momentum,
-                      one_minus_dampening, weight_decay, DT, HAS_WD, MOMENTUM, NESTEROV,
-                      MAXIMIZE, INIT)
+                      one_minus_dampening, weight_decay, maximize, init, DT, HAS_WD, MOMENTUM,
+                      NESTEROV)
 
 
 def points(table: Table, dtype: tl.dtype, sumsq: Tensor, *, rho: float, eps: float, lr: float,
@@ -118,13 +116,14 @@ def points(table: Table, dtype: tl.dtype, sumsq: Tensor, *, rho: float, eps: flo
     """Operands (params, grads_y, backups, ys[, momentum_buffers]); the buffers are
     an operand only when momentum is on and they hold history (not init_buffers)."""
     rows = table.rows
-    reads_buffers = momentum != 0 and not init_buffers
+    has_momentum = momentum != 0
+    init = bool(init_buffers) and has_momentum
     _points_kernel[(table.n_blocks,)](
         table.blocks, table.n_blocks, rows[0], rows[1], rows[2], rows[3],
-        rows[4] if reads_buffers else rows[0],  # never read unless MOMENTUM and not INIT
+        rows[0] if init or not has_momentum else rows[4],  # the params stand in: unused
         sumsq, float(rho), float(eps), float(lr), float(momentum), 1.0 - float(dampening),
-        float(weight_decay), DT=dtype, HAS_WD=weight_decay != 0, MOMENTUM=momentum != 0,
-        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT=bool(init_buffers),
+        float(weight_decay), bool(maximize), init, DT=dtype, HAS_WD=weight_decay != 0,
+        MOMENTUM=has_momentum, NESTEROV=bool(nesterov) and has_momentum,
         ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
     )
 
@@ -135,11 +134,13 @@ def update(table: Table, dtype: tl.dtype, *, lam: float, lr: float, momentum: fl
     """Operands (params, backups, grads_tilde, grads_y[, momentum_buffers])."""
     rows = table.rows
     lam = float(lam)
+    has_momentum = momentum != 0
     _update_kernel[(table.n_blocks,)](
         table.blocks, table.n_blocks, rows[0], rows[1], rows[2], rows[3],
-        rows[4] if momentum != 0 else rows[0],  # never read without MOMENTUM
+        rows[4] if has_momentum else rows[0],  # never read without MOMENTUM
         lam, 1.0 - lam, float(lr), float(momentum), 1.0 - float(dampening),
-        float(weight_decay), DT=dtype, HAS_WD=weight_decay != 0, MOMENTUM=momentum != 0,
-        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT=bool(init_buffers),
-        ALIGNED=table.aligned, BLOCK=BLOCK, CHUNK=CHUNK, **LAUNCH,
+        float(weight_decay), bool(maximize), bool(init_buffers) and has_momentum,
+        DT=dtype, HAS_WD=weight_decay != 0, MOMENTUM=has_momentum,
+        NESTEROV=bool(nesterov) and has_momentum, ALIGNED=table.aligned, BLOCK=BLOCK,
+        CHUNK=CHUNK, **LAUNCH,
     )

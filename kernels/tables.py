@@ -89,6 +89,8 @@ class BlockMap:
 
     tensor: Tensor
     n_blocks: int
+    stand_in: Tensor
+    """The map's bytes viewed as fp32: what a kernel gets for an absent device scalar."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +111,10 @@ class Table:
     rows: tuple[Tensor, ...]
     aligned: bool
     """Every address of the elementwise operands is :data:`ALIGNMENT`-byte aligned."""
+    stand_in: Tensor | None = None
+    """An fp32 device buffer (the block map's bytes) passed for an absent grad scale or
+    found_inf flag: the kernels read it and ignore the value (a runtime flag says so), so
+    present and absent scalars compile one variant. None: made from ``blocks``."""
 
 
 def block_map(numels: Sequence[int], chunk: int = CHUNK) -> tuple[list[int], list[int]]:
@@ -386,7 +392,8 @@ class TableCache:
         """The block map over tensors of these sizes (at least one element in all)."""
         return self._get(("blocks", device, chunk, numels),
                          lambda: block_map_values(numels, chunk), device, captured,
-                         lambda tensor: BlockMap(tensor, tensor.numel() // 3))
+                         lambda tensor: BlockMap(tensor, tensor.numel() // 3,
+                                                 tensor.view(torch.float32)))
 
     def row(self, addresses: tuple[int, ...], device: torch.device, captured: bool) -> Row:
         """The address row holding ``addresses``."""
@@ -431,7 +438,8 @@ class TableCache:
             rows = [self.row(tuple(map(_data_ptr, lst)), device, captured) for lst in lists]
         aligned = all(r.aligned for r in rows[:n])
         return plan, Table(blocks=blocks.tensor, n_blocks=blocks.n_blocks,
-                           rows=tuple(r.tensor for r in rows), aligned=aligned)
+                           rows=tuple(r.tensor for r in rows), aligned=aligned,
+                           stand_in=blocks.stand_in)
 
     # -- maintenance
 

@@ -100,7 +100,7 @@ _PROBE = textwrap.dedent("""
         for v, ls in e.variants().items()]}
     aot._KERNELS.update(e.kernels)
     sgd = [v for v in e.variants("sm_90") if v.kernel == "_restore_sgd_kernel"
-           and v.constexpr("ALIGNED") and v.constexpr("MOMENTUM") and v.constexpr("HAS_INF")]
+           and v.constexpr("ALIGNED") and v.constexpr("MOMENTUM") and v.constexpr("HAS_WD")]
     r = aot.compile_variant(sgd[0])
     out["compiled"] = [r.ok, r.error, r.regs, r.spill_stores, r.stack, list(r.loop_widths),
                        list(aot.check(r))]
@@ -132,6 +132,17 @@ def test_enumeration_signatures_and_one_compile(tmp_path):
         assert sig["B"] == "i32" and "B" not in attrs
         assert sig["lr"] == "fp32" and sig["DT"] == "constexpr" and consts["DT"] == "fp32"
     assert {c["ALIGNED"] for _, _, _, c, _, _ in sgd} == {True, False}
+    # The options that only select (GradScaler's scalars, maximize, the first step) are
+    # runtime flags, one u1 (a Python bool) each: the matrix turns them all, yet the variants are only
+    # weight decay x (no momentum, momentum, nesterov) x aligned.
+    for _, _, sig, consts, _, _ in sgd:
+        assert all(sig[f] == "u1" for f in ("has_scale", "has_inf", "maximize", "init"))
+        assert sig["grad_scale"] == sig["found_inf"] == "*fp32"
+        assert not {"HAS_SCALE", "HAS_INF", "MAXIMIZE", "INIT"} & set(consts)
+    shapes = {(c["HAS_WD"], c["MOMENTUM"], c["NESTEROV"], c["ALIGNED"])
+              for _, _, _, c, _, _ in sgd}
+    assert len(sgd) == len(shapes) == 12
+    assert (False, False, True, True) not in shapes  # nesterov means nothing without momentum
     # torch.optim's int 0 defaults compile the same variant as floats: fp32, no attributes.
     momentum_off = {(sig["momentum"], tuple(map(tuple, attrs.get("momentum", ()))), style)
                     for _, _, sig, c, attrs, cases in sgd if not c["MOMENTUM"]

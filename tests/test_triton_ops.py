@@ -1159,12 +1159,15 @@ _COMPILE_CHECK = """
     K = tb.kernels
     sizes = {"BLOCK": K.tables.BLOCK, "CHUNK": K.tables.CHUNK}
     SCALARS = {"sumsq", "grad_scale", "found_inf", "partials"}
+    FLAGS = {"has_scale", "has_inf", "maximize", "init", "lerp_small", "normalize"}
 
     def arg_type(name):
         if name == "blocks" or name.endswith("_row"):
             return "*i64"  # the block map and the address rows
         if name == "B":
             return "i32"
+        if name in FLAGS:
+            return "u1"  # the runtime option flags: Python bools, as the binder types them
         return "*fp32" if name in SCALARS else "fp32"
 
     def compile_ptx(fn, flags):
@@ -1173,33 +1176,33 @@ _COMPILE_CHECK = """
         return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(K.tables.LAUNCH)).asm["ptx"]
 
-    def check(fn, flags):
+    def check(fn, flags, rounded_products=0):
         ptx = compile_ptx(fn, flags)
         vector = bool(re.search(r"ld\\.global[.\\w:]*\\.v4", ptx))
         print(fn.fn.__name__, flags.get("ALIGNED"), vector)
+        # The factors that are 1.0 unless an option is on (kernels.common.mul_rn) stay
+        # products of their own: mul.rn, which ptxas never contracts into an fma.
+        assert len(re.findall(r"\\bmul\\.rn\\.f32", ptx)) >= rounded_products, fn
 
     for dt in (tl.float32, tl.bfloat16):
         for aligned in (True, False):
-            check(K.perturb._perturb_kernel, dict(DT=dt, ASAM=True, NORMALIZE=True,
-                                                  HAS_SCALE=True, ALIGNED=aligned))
+            check(K.perturb._perturb_kernel, dict(DT=dt, ASAM=True, ALIGNED=aligned))
     check(K.perturb._copy_kernel, dict(BITS=tl.int16, ALIGNED=True))
     check(K.norm._sumsq_partials_kernel, dict(DT=tl.float16, ASAM=True, ALIGNED=True))
     check(K.sgd._restore_sgd_kernel,
-          dict(DT=tl.bfloat16, HAS_SCALE=True, HAS_INF=True, HAS_WD=True, MOMENTUM=True,
-               NESTEROV=True, MAXIMIZE=True, INIT=False, ALIGNED=True))
+          dict(DT=tl.bfloat16, HAS_WD=True, MOMENTUM=True, NESTEROV=True, ALIGNED=True),
+          rounded_products=1)
     check(K.adam._restore_adam_kernel,
-          dict(DT=tl.float32, STEP_DT=tl.float32, HAS_SCALE=True, HAS_INF=True, HAS_WD=True,
-               DECOUPLED=False, AMSGRAD=True, MAXIMIZE=False, LERP_SMALL=True,
-               DEVICE_STEPS=True, ALIGNED=True))
-    sampa = dict(DT=tl.float32, HAS_WD=True, MOMENTUM=True, NESTEROV=True, MAXIMIZE=False,
-                 INIT=False, ALIGNED=True)
+          dict(DT=tl.float32, STEP_DT=tl.float32, HAS_WD=False, AMSGRAD=True,
+               DEVICE_STEPS=True, ALIGNED=True), rounded_products=2)
+    sampa = dict(DT=tl.float32, HAS_WD=True, MOMENTUM=True, NESTEROV=True, ALIGNED=True)
     check(K.sampa._points_kernel, sampa)
     check(K.sampa._update_kernel, sampa)
 
     # The scale chain with FMA contraction on: sqrt_rn's result must reach the add
     # with S * eps as a plain add, never as an fma's addend (one rounding fewer).
     ptx = compile_ptx(K.perturb._perturb_kernel, dict(DT=tl.float32, ASAM=False,
-                      NORMALIZE=True, HAS_SCALE=True, ALIGNED=True))
+                      ALIGNED=True))
     roots = re.findall(r"sqrt\\.rn\\.f32\\s+(%r\\d+),", ptx)
     fused = [line for line in ptx.splitlines() for r in roots
              if re.search(r"fma\\.rn\\.f32[^;]*,\\s*" + r + r"\\s*;", line)]
