@@ -73,16 +73,11 @@ class SAM(SharpnessOptimizer):
             raise ValueError(f"Invalid interval: {interval!r} (must be an int >= 1)")
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize,
                         perturb_eps=perturb_eps)
-        self._check_family_options(kwargs)
         super().__init__(params, base_optimizer, defaults, kwargs, backend)
         self.interval = interval
         # Steps taken (SAM or plain) and whether a first_step() that did not perturb awaits
         # its second_step(): a dict, so that shallow copies of __dict__ share it.
         self._counter: dict[str, Any] = {"steps": 0, "plain": False}
-
-    def _check_family_options(self, kwargs: dict[str, Any]) -> None:
-        """Subclasses take their own options out of ``kwargs`` and check them here, before
-        anything is built."""
 
     @property
     def ascent_due(self) -> bool:
