@@ -280,8 +280,17 @@ class SAM(SharpnessOptimizer):
         A parameter with a gradient only now (an unused branch in the first pass,
         a routed expert) is stepped, with ``e = 0``, as ``torch.optim`` steps it; one
         with no gradient now is restored and not stepped.
+
+        After a :meth:`first_step` that did not perturb (``interval`` > 1, not a SAM step):
+        the plain base step with the current gradients.
         """
         state = self._step_state
+        if self._counter["plain"]:
+            self._counter["plain"] = False
+            self._plain_step()
+            if zero_grad:
+                self.zero_grad()
+            return
         if state.perturbed is None:
             raise RuntimeError(
                 "second_step() called without first_step(): there is no saved point to "
