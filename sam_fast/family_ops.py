@@ -1,6 +1,6 @@
 """The SAM family's generic fused ops (docs/family.md), callable on any tensor lists.
 
-Three multi-tensor ops of DESIGN.md section 3's contract (fp32 math whatever the
+Three multi-tensor ops of docs/design.md section 3's contract (fp32 math whatever the
 storage dtype, no host sync, device scalars stay on the device, deterministic
 reductions) from which GSAM, WSAM, LookSAM and Friendly-SAM are built:
 

@@ -1,7 +1,7 @@
 """The ``torch`` backend of the SAM family's generic ops (docs/family.md, "The ops").
 
 The executable specification of three multi-tensor ops that GSAM, WSAM,
-LookSAM and Friendly-SAM are built from (DESIGN.md section 4b). Each function
+LookSAM and Friendly-SAM are built from (docs/family.md). Each function
 receives one group of tensors that share a device and a dtype (the public ops
 in :mod:`sam_fast.family_ops` group and validate), computes in fp32 (fp64 for
 fp64 storage) whatever the storage dtype, rounds every output once, and never
