@@ -171,7 +171,7 @@ class GSAM(_TwoGradients):
                 if id(p) in index:
                     by_alpha.setdefault(float(group["alpha"]), []).append(index[id(p)])
         for alpha, idx in by_alpha.items():
-            coef = torch.stack([1 + alpha * c, torch.full_like(c, -alpha)]).float()
+            coef = torch.stack([1 + alpha * c, torch.full_like(c, -alpha)])
             family_ops.combine_([second[i] for i in idx], [first[i] for i in idx], coef,
                                 backend=self.backend)
 
@@ -221,13 +221,13 @@ class WSAM(_TwoGradients):
         if not self.decouple:
             for gamma, idx in self._by_gamma(params).items():
                 coef = torch.tensor([gamma / (1 - gamma), (1 - 2 * gamma) / (1 - gamma)],
-                                    device=device)
+                                    dtype=torch.float64, device=device)
                 family_ops.combine_([second[i] for i in idx], [first[i] for i in idx], coef,
                                     backend=self.backend)
             return
         # Decoupled: the base step sees g exactly (the first-gradient buffer becomes the
         # gradient), the buffer that held g_adv becomes g_adv - g for the step after it.
-        coef = torch.tensor([1.0, -1.0], device=device)
+        coef = torch.tensor([1.0, -1.0], dtype=torch.float64, device=device)
         family_ops.combine_(second, first, coef, backend=self.backend)
         for p, sharp, g in zip(params, second, first):
             p.grad = g
@@ -257,7 +257,8 @@ class WSAM(_TwoGradients):
                 continue
             gamma = float(group["gamma"])
             k = -float(group["lr"]) * gamma / (1 - gamma)
-            coef = torch.tensor([1.0, k], device=ps[0].device)
+            # Coefficients in fp64: the ops round them to the math dtype of each group.
+            coef = torch.tensor([1.0, k], dtype=torch.float64, device=ps[0].device)
             if grad_scale is not None:
                 coef = coef * torch.stack([torch.ones_like(grad_scale),
                                            torch.reciprocal(grad_scale)]).to(coef)
@@ -303,7 +304,7 @@ class LookSAM(_TwoGradients):
         # [<g_s, g>, |g_s|^2, |g|^2]; g_v = g_s - (<g_s, g>/|g|^2) g, written over g.
         stats = family_ops.dot_sumsq(second, first, backend=self.backend)
         c = torch.where(stats[2] > 0, stats[0] / stats[2], torch.zeros_like(stats[0]))
-        coef = torch.stack([-c, torch.ones_like(c)]).float()
+        coef = torch.stack([-c, torch.ones_like(c)])
         family_ops.combine_(first, second, coef, backend=self.backend)
         for p, gv in zip(params, first):
             old = self.state[p].get("looksam_gv")
@@ -326,7 +327,7 @@ class LookSAM(_TwoGradients):
         stats = family_ops.dot_sumsq(grads, gvs, backend=self.backend)
         norm_g, norm_v = stats[1].sqrt(), stats[2].sqrt()
         ratio = torch.where(norm_v > 0, norm_g / norm_v, torch.zeros_like(norm_g))
-        coef = torch.stack([torch.ones_like(ratio), self.alpha * ratio]).float()
+        coef = torch.stack([torch.ones_like(ratio), self.alpha * ratio])
         family_ops.combine_(grads, gvs, coef, backend=self.backend)
 
     def _extra_state(self) -> dict[str, Any]:
