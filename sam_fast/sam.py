@@ -38,6 +38,10 @@ class SAM(SharpnessOptimizer):
             its own (SGD); with Adam-like bases ``eps`` stays the base's, as in
             the reference.
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpp"``.
+        interval: SAM every ``interval`` steps (MosaicML Composer's ``interval``, optax's
+            ``sync_period``): steps ``0, k, 2k, ...`` are SAM steps, the others a plain
+            base-optimizer step on the current gradients, one forward/backward pass
+            (:attr:`ascent_due` says which the next step is). Default 1: every step.
         **kwargs: the base optimizer's options (``lr``, ``momentum``, ...).
 
     With ``torch.amp.GradScaler``, ``scaler.step(opt)`` runs :meth:`second_step`
@@ -59,14 +63,27 @@ class SAM(SharpnessOptimizer):
         eta: float = 0.0,
         normalize: bool = True,
         backend: str = "auto",
+        interval: int = 1,
         **kwargs: Any,
     ) -> None:
         perturb_eps = split_eps(base_optimizer, kwargs, default=1e-12)
         if not eta >= 0.0:
             raise ValueError(f"Invalid eta, should be non-negative: {eta}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"Invalid interval: {interval!r} (must be an int >= 1)")
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize,
                         perturb_eps=perturb_eps)
         super().__init__(params, base_optimizer, defaults, kwargs, backend)
+        self.interval = interval
+        # Steps taken (SAM or plain) and whether a first_step() that did not perturb awaits
+        # its second_step(): a dict, so that shallow copies of __dict__ share it.
+        self._counter: dict[str, Any] = {"steps": 0, "plain": False}
+
+    @property
+    def ascent_due(self) -> bool:
+        """Whether the next step perturbs (a SAM step) or is a plain base step
+        (``interval`` > 1)."""
+        return self._counter["steps"] % self.interval == 0
 
     _PLAN_OPS = ("perturb_", "restore_", "restore_sgd_", "restore_adamw_")
 
@@ -109,7 +126,19 @@ class SAM(SharpnessOptimizer):
 
         All or nothing: every check runs before any weight is written, and a
         failure while writing puts back what was already perturbed.
+
+        With ``interval`` > 1, on a step that is not a SAM step (:attr:`ascent_due` is
+        False) nothing moves: :meth:`second_step` then takes a plain base step with the
+        gradients present then. (Skip the second pass on such steps: call :meth:`step`
+        after the first backward, or check :attr:`ascent_due`.)
         """
+        if not self.ascent_due:
+            if self._step_state.perturbed is not None or self._counter["plain"]:
+                raise RuntimeError("first_step() called twice without second_step()")
+            self._counter["plain"] = True
+            if zero_grad:
+                self.zero_grad()
+            return
         if not self._first_step(grad_scaler):
             raise RuntimeError(
                 "first_step(): no parameter has a gradient; run backward() before first_step()"
@@ -117,8 +146,11 @@ class SAM(SharpnessOptimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _first_step(self, grad_scaler: Any) -> bool:
-        """:meth:`first_step`'s work; False (nothing touched) when no parameter has a gradient."""
+    def _first_step(self, grad_scaler: Any, sumsq_hint: Tensor | None = None) -> bool:
+        """:meth:`first_step`'s work; False (nothing touched) when no parameter has a gradient.
+
+        ``sumsq_hint``: the global sum of squares of the current gradients, when the caller
+        computed it already (fused into the op that wrote them; plain SAM norm only)."""
         state = self._step_state
         if state.perturbed is not None:
             raise RuntimeError(
@@ -129,7 +161,7 @@ class SAM(SharpnessOptimizer):
         current = self._current_plan()
         for group in self.param_groups:  # options may change between steps (schedules)
             check_group_options(group)
-        if current.fast:
+        if current.fast and sumsq_hint is None:
             status = self._fast_first_step(current, grad_scale)
             if status == plan.LAYOUT_CHANGED:
                 current = self._replan()
@@ -139,7 +171,8 @@ class SAM(SharpnessOptimizer):
                 return True
         grads = [b.grads() for b in current.buckets]
         if all(map(plan.complete, grads)):
-            sumsq = plan.total_sumsq(current, grads, _dtensor_grads(current, grads))
+            sumsq = sumsq_hint if sumsq_hint is not None else plan.total_sumsq(
+                current, grads, _dtensor_grads(current, grads))
             masks: list[list[int] | None] = [None] * len(grads)
         else:
             found = [[i for i, g in enumerate(gs) if g is not None] for gs in grads]
@@ -247,8 +280,17 @@ class SAM(SharpnessOptimizer):
         A parameter with a gradient only now (an unused branch in the first pass,
         a routed expert) is stepped, with ``e = 0``, as ``torch.optim`` steps it; one
         with no gradient now is restored and not stepped.
+
+        After a :meth:`first_step` that did not perturb (``interval`` > 1, not a SAM step):
+        the plain base step with the current gradients.
         """
         state = self._step_state
+        if self._counter["plain"]:
+            self._counter["plain"] = False
+            self._plain_step()
+            if zero_grad:
+                self.zero_grad()
+            return
         if state.perturbed is None:
             raise RuntimeError(
                 "second_step() called without first_step(): there is no saved point to "
@@ -295,9 +337,30 @@ class SAM(SharpnessOptimizer):
         state.perturbed = None
         if fallback:
             self._base_step_fallback(list(fallback.values()), grad_scale, found_inf)
+        self._counter["steps"] += 1
         self._mark_stepped()
         if zero_grad:
             self.zero_grad()
+
+    def _plain_step(self) -> None:
+        """A step without the ascent (``interval`` > 1): the base optimizer's own ``step()``
+        on the current gradients (unscaled, or skipped, as GradScaler asks), one pass."""
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("step(): no parameter has a gradient; run backward() first")
+        self._plain_grads(grad_scale, found_inf)
+        self._base_step_fallback(list(self.param_groups), grad_scale, found_inf)
+        current = self._step_state.plan
+        if current is not None:
+            for b in current.buckets:  # the base step may have created state
+                b.cache.clear()
+        self._counter["steps"] += 1
+        self._mark_stepped()
+
+    def _plain_grads(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """What a plain step does to the gradients before the base step (LookSAM: adds
+        the kept component); nothing here."""
 
     def _base_step_fallback(self, groups: list[dict], grad_scale: Tensor | None,
                             found_inf: Tensor | None) -> None:
@@ -334,6 +397,18 @@ class SAM(SharpnessOptimizer):
                 loss = self._evaluate_perturbed(closure)
             self.second_step(zero_grad=closure is not None)
             return loss
+        if self._counter["plain"] or not self.ascent_due:
+            # A plain step (interval > 1): one pass, the closure only when no gradient is
+            # there yet (so its loss is returned then, and None otherwise).
+            self._counter["plain"] = False
+            loss = None
+            if closure is not None and not any(
+                    p.grad is not None for g in self.param_groups for p in g["params"]):
+                loss = self._evaluate(closure)
+            self._plain_step()
+            if closure is not None:
+                self.zero_grad()
+            return loss
         if closure is None:
             raise RuntimeError(
                 "SAM.step() requires a closure that does the second forward/backward pass "
@@ -361,7 +436,7 @@ class SAM(SharpnessOptimizer):
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if self._step_state.perturbed is not None:
+        if self._step_state.perturbed is not None or self._counter["plain"]:
             raise RuntimeError(
                 "state_dict() between first_step() and second_step(): the parameters hold "
                 "the perturbed point w + e; call second_step() or restore() first"
@@ -370,7 +445,14 @@ class SAM(SharpnessOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._step_state.perturbed = None
+        self._counter["plain"] = False
         super().load_state_dict(state_dict)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"steps": self._counter["steps"]}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._counter["steps"] = int(extra.get("steps", 0))
 
 
 def _on(t: Tensor, device: torch.device) -> Tensor:

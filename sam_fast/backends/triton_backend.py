@@ -541,3 +541,9 @@ OPS: dict[str, Callable[..., Any]] = {
 }
 
 dispatch.register_backend("triton", OPS, unavailable_reason=unavailable_reason)
+
+# -- the SAM family's generic ops (issue 13): kernels/family.py, launched by .triton_family ----
+from . import triton_family as _family  # noqa: E402  (it reads this module's helpers)
+
+OPS.update(_family.OPS)
+dispatch.register_backend("triton", OPS, unavailable_reason=unavailable_reason)

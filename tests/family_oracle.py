@@ -1,0 +1,109 @@
+"""Float64 oracles of the SAM family, written from the papers' equations.
+
+Nothing here calls sam_fast: the gradients come from tests/oracle.py's float64 Problem,
+the base optimizers are its textbook SGD64 / AdamW64. ``eps`` is SAM's 1e-12.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oracle import _norm
+
+
+def _dot(a, b):
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _ascent(w, g, rho, eps=1e-12):
+    scale = rho / (_norm(g) + eps)
+    return [wi + scale * gi for wi, gi in zip(w, g)]
+
+
+def interval_trajectory(problem, base, steps, rho, k):
+    """SAM every k steps (Composer's interval): steps 0, k, 2k, ... are SAM steps
+    (Foret et al. 2021, eq. 2-3), the others plain base steps on g = grad L_B(w)."""
+    w, out = problem.initial(), []
+    for t in range(steps):
+        g = problem.grad(w, t)
+        if t % k == 0:
+            g = problem.grad(_ascent(w, g, rho), t)
+        w = base.step(w, g)
+        out.append(w)
+    return out
+
+
+def looksam_trajectory(problem, base, steps, rho, k, alpha):
+    """LookSAM, Liu et al. CVPR 2022, Algorithm 1 (eq. 6-7): at t mod k = 0,
+    g_s = grad at w + rho g/|g|, g_v = g_s - |g_s| cos(theta) g/|g| (cos = <g, g_s>/(|g||g_s|));
+    otherwise g_s = g + alpha (|g| / |g_v|) g_v. The base step takes g_s."""
+    w, out, gv = problem.initial(), [], None
+    for t in range(steps):
+        g = problem.grad(w, t)
+        if t % k == 0:
+            gs = problem.grad(_ascent(w, g, rho), t)
+            cos = _dot(g, gs) / (_norm(g) * _norm(gs))
+            gv = [a - _norm(gs) * cos * b / _norm(g) for a, b in zip(gs, g)]
+        else:
+            ratio = _norm(g) / _norm(gv)
+            gs = [a + alpha * ratio * v for a, v in zip(g, gv)]
+        w = base.step(w, gs)
+        out.append(w)
+    return out
+
+
+def gsam_trajectory(problem, base, steps, alpha, rho_of):
+    """GSAM, Zhuang et al. ICLR 2022, Algorithm 1: rho_t from the schedule (``rho_of(t)``),
+    grad f_p = grad at w + rho_t g/|g|, g_perp = g - <g, u> u with u = grad f_p / |grad f_p|
+    (eq. 8's decomposition), update direction grad f_p - alpha g_perp."""
+    w, out = problem.initial(), []
+    for t in range(steps):
+        g = problem.grad(w, t)
+        gp = problem.grad(_ascent(w, g, rho_of(t)), t)
+        u = [x / _norm(gp) for x in gp]
+        proj = _dot(g, u)
+        g_perp = [a - proj * b for a, b in zip(g, u)]
+        w = base.step(w, [a - alpha * b for a, b in zip(gp, g_perp)])
+        out.append(w)
+    return out
+
+
+def wsam_trajectory(problem, base, steps, rho, gamma, decouple, lrs):
+    """WSAM, Yue et al. KDD 2023: L_WSAM = L + gamma/(1-gamma) (L(w + e) - L(w)) (eq. 4);
+    coupled: one base step with its gradient (1-2 gamma)/(1-gamma) g + gamma/(1-gamma) g_adv;
+    decoupled (Algorithm 1): the base step with g, then w -= lr gamma/(1-gamma) (g_adv - g)."""
+    a = gamma / (1 - gamma)
+    w, out = problem.initial(), []
+    for t in range(steps):
+        g = problem.grad(w, t)
+        ga = problem.grad(_ascent(w, g, rho), t)
+        if decouple:
+            w = base.step(w, g)
+            w = [wi - lrs[t] * a * (x - y) for wi, x, y in zip(w, ga, g)]
+        else:
+            w = base.step(w, [(1 - 2 * gamma) / (1 - gamma) * y + a * x for x, y in zip(ga, g)])
+        out.append(w)
+    return out
+
+
+def fsam_trajectory(problem, base, steps, rho, sigma, lmbda, official=False):
+    """Friendly-SAM, Li et al. CVPR 2024, Algorithm 1: m_t = lmbda m_{t-1} + (1-lmbda) g_t,
+    d_t = g_t - sigma m_t, e = rho d_t/|d_t|, m_{-1} = 0; the base step takes the gradient
+    at w + e. ``official``: the authors' code, d_t = g_t - sigma m_{t-1}, m_0 = d_0 = g_0."""
+    w, out, m = problem.initial(), [], None
+    for t in range(steps):
+        g = problem.grad(w, t)
+        if official:
+            if m is None:
+                d, m = g, [x.clone() for x in g]
+            else:
+                d = [x - sigma * y for x, y in zip(g, m)]
+                m = [lmbda * y + (1 - lmbda) * x for x, y in zip(g, m)]
+        else:
+            m = [(1 - lmbda) * x if m is None else lmbda * y + (1 - lmbda) * x
+                 for x, y in zip(g, m or g)]
+            d = [x - sigma * y for x, y in zip(g, m)]
+        ga = problem.grad(_ascent(w, d, rho), t)
+        w = base.step(w, ga)
+        out.append(w)
+    return out
