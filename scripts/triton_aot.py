@@ -412,6 +412,31 @@ def op_matrix(tb: Any, torch: Any, dtypes: Iterable[str] = DTYPES) -> list[OpMat
                                 **sgd_kw(case))
 
     matrices.append(OpMatrix("sampa_update_", sgd_axes, update_call))
+
+    # The SAM family's generic ops (sam_fast/family_ops.py, kernels/family.py).
+    if "dot_sumsq" in tb.OPS:
+        def dot_call(case: dict, n: int) -> None:
+            a, b = lists(case, n, 2)
+            tb.OPS["dot_sumsq"](a, b)
+
+        matrices.append(OpMatrix("dot_sumsq", dict(dtype=dtypes, aligned=aligns), dot_call))
+
+        def combine_call(case: dict, n: int) -> None:
+            a, b = lists(case, n, 2)
+            tb.OPS["combine_"](a, b, torch.tensor([0.5, 2.0]))
+
+        matrices.append(OpMatrix("combine_", dict(dtype=dtypes, aligned=aligns), combine_call))
+
+        def ema_call(case: dict, n: int) -> None:
+            m, g = lists(case, n, 2)
+            tb.OPS["ema_residual_"](
+                m, g, decay=0.9, sigma=1.0, updated=case["updated"],
+                grad_scale=scalar(1024.0) if case["grad_scale"] else None,
+                skip=scalar(0.0) if case["skip"] else None)
+
+        matrices.append(OpMatrix("ema_residual_", dict(
+            dtype=dtypes, aligned=aligns, updated=(True, False), grad_scale=(False, True),
+            skip=(False, True)), ema_call))
     return matrices
 
 
