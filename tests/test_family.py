@@ -112,7 +112,9 @@ def test_float32_run_is_within_rounding_of_the_oracle(algo, base_name, backend):
 
 # -- pytorch-optimizer as an external oracle (float64, the same 30 steps, SGD momentum) --------
 
-po = pytest.importorskip("pytorch_optimizer")
+# A declared test dependency (pyproject's test extra): imported, not skipped when missing,
+# so that a venv without it fails loudly instead of dropping this whole module.
+import pytorch_optimizer as po  # noqa: E402
 
 
 def _ours64(cls, kw, data):
