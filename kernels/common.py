@@ -147,8 +147,9 @@ def amp_scalars(grad_scale, found_inf, has_scale, has_inf):
     and True where the runtime flags say a scalar is absent. Both pointers are always
     valid fp32 buffers (an absent one is :func:`amp_args`'s stand-in), so both loads run
     unconditionally and a select drops what a flag says is absent."""
-    inv_scale = tl.where(has_scale, tl.math.div_rn(1.0, tl.load(grad_scale).to(tl.float32)),
-                         1.0)
+    # The select before the division: the stand-in's bits are never divided by.
+    scale = tl.where(has_scale, tl.load(grad_scale).to(tl.float32), 1.0)
+    inv_scale = tl.math.div_rn(1.0, scale)
     keep = (tl.load(found_inf) == 0) | (has_inf == 0)
     return inv_scale, keep
 

@@ -160,7 +160,7 @@ def _ema_partials_kernel(blocks, B, m_row, g_row, partials, grad_scale, skip, de
     sigma_f = tl.cast(sigma, tl.float32)
     # grad_scale and skip are always valid fp32 buffers (absent: the partials, read and
     # ignored), so the loads need no branch.
-    inv = tl.where(has_scale, tl.math.div_rn(1.0, tl.load(grad_scale).to(tl.float32)), 1.0)
+    inv = tl.math.div_rn(1.0, tl.where(has_scale, tl.load(grad_scale).to(tl.float32), 1.0))
     keep = (tl.load(skip) == 0) | (has_skip == 0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     n_full = (rem // BLOCK) * BLOCK

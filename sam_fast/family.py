@@ -162,7 +162,7 @@ class GSAM(_TwoGradients):
     def _rewrite(self, params: list[Tensor], second: list[Tensor], first: list[Tensor]) -> None:
         # [<g_adv, g>, |g_adv|^2, |g|^2]; c = <g, g_adv> / |g_adv|^2 (0 when g_adv = 0):
         # g_perp = g - c g_adv and g_adv - alpha g_perp = (1 + alpha c) g_adv - alpha g.
-        stats = family_ops.dot_sumsq(second, first, backend=self.backend)
+        stats = family_ops._dot_sumsq(second, first, self.backend, check=False)
         c = torch.where(stats[1] > 0, stats[0] / stats[1], torch.zeros_like(stats[0]))
         by_alpha: dict[float, list[int]] = {}
         index = {id(p): i for i, p in enumerate(params)}
@@ -172,8 +172,8 @@ class GSAM(_TwoGradients):
                     by_alpha.setdefault(float(group["alpha"]), []).append(index[id(p)])
         for alpha, idx in by_alpha.items():
             coef = torch.stack([1 + alpha * c, torch.full_like(c, -alpha)])
-            family_ops.combine_([second[i] for i in idx], [first[i] for i in idx], coef,
-                                backend=self.backend)
+            family_ops._combine([second[i] for i in idx], [first[i] for i in idx], coef,
+                                self.backend, check=False)
 
 
 class WSAM(_TwoGradients):
@@ -222,13 +222,13 @@ class WSAM(_TwoGradients):
             for gamma, idx in self._by_gamma(params).items():
                 coef = torch.tensor([gamma / (1 - gamma), (1 - 2 * gamma) / (1 - gamma)],
                                     dtype=torch.float64, device=device)
-                family_ops.combine_([second[i] for i in idx], [first[i] for i in idx], coef,
-                                    backend=self.backend)
+                family_ops._combine([second[i] for i in idx], [first[i] for i in idx], coef,
+                                self.backend, check=False)
             return
         # Decoupled: the base step sees g exactly (the first-gradient buffer becomes the
         # gradient), the buffer that held g_adv becomes g_adv - g for the step after it.
         coef = torch.tensor([1.0, -1.0], dtype=torch.float64, device=device)
-        family_ops.combine_(second, first, coef, backend=self.backend)
+        family_ops._combine(second, first, coef, self.backend, check=False)
         for p, sharp, g in zip(params, second, first):
             p.grad = g
             self.state[p]["first_grad"] = sharp
@@ -262,8 +262,8 @@ class WSAM(_TwoGradients):
             if grad_scale is not None:
                 coef = coef * torch.stack([torch.ones_like(grad_scale),
                                            torch.reciprocal(grad_scale)]).to(coef)
-            family_ops.combine_(ps, [self.state[p]["first_grad"] for p in ps], coef,
-                                backend=self.backend)
+            family_ops._combine(ps, [self.state[p]["first_grad"] for p in ps], coef,
+                                self.backend, check=False)
 
 
 class LookSAM(_TwoGradients):
@@ -302,10 +302,10 @@ class LookSAM(_TwoGradients):
         if found_inf is not None and bool(found_inf):
             return  # a skipped step keeps the old g_v clean (one host read, under AMP only)
         # [<g_s, g>, |g_s|^2, |g|^2]; g_v = g_s - (<g_s, g>/|g|^2) g, written over g.
-        stats = family_ops.dot_sumsq(second, first, backend=self.backend)
+        stats = family_ops._dot_sumsq(second, first, self.backend, check=False)
         c = torch.where(stats[2] > 0, stats[0] / stats[2], torch.zeros_like(stats[0]))
         coef = torch.stack([-c, torch.ones_like(c)])
-        family_ops.combine_(first, second, coef, backend=self.backend)
+        family_ops._combine(first, second, coef, self.backend, check=False)
         for p, gv in zip(params, first):
             old = self.state[p].get("looksam_gv")
             self.state[p]["looksam_gv"] = gv
@@ -324,11 +324,11 @@ class LookSAM(_TwoGradients):
             return
         grads = [p.grad for p in params]
         gvs = [self.state[p]["looksam_gv"] for p in params]
-        stats = family_ops.dot_sumsq(grads, gvs, backend=self.backend)
+        stats = family_ops._dot_sumsq(grads, gvs, self.backend, check=False)
         norm_g, norm_v = stats[1].sqrt(), stats[2].sqrt()
         ratio = torch.where(norm_v > 0, norm_g / norm_v, torch.zeros_like(norm_g))
         coef = torch.stack([torch.ones_like(ratio), self.alpha * ratio])
-        family_ops.combine_(grads, gvs, coef, backend=self.backend)
+        family_ops._combine(grads, gvs, coef, self.backend, check=False)
 
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()
@@ -422,9 +422,9 @@ class FriendlySAM(SAM):
             skip = (~torch.isfinite(total)).float()
         sums = []
         for ps, gs, decay, sigma, updated in calls:
-            sums.append(family_ops.ema_residual_(
-                [self.state[p]["fsam_momentum"] for p in ps], gs, decay=decay, sigma=sigma,
-                updated=updated, grad_scale=grad_scale, skip=skip, backend=self.backend))
+            sums.append(family_ops._ema_residual(
+                [self.state[p]["fsam_momentum"] for p in ps], gs, decay, sigma, updated,
+                grad_scale, skip, self.backend, check=False))
         hint = None
         if not any(g["adaptive"] for g in self.param_groups) and len({s.device for s in sums}) == 1:
             hint = torch.stack(sums).sum() if len(sums) > 1 else sums[0]

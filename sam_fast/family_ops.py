@@ -101,24 +101,51 @@ def _sum_on_home(partials: list[Tensor], home: torch.device) -> Tensor:
     return torch.stack([p.to(home, acc, non_blocking=True) for p in partials]).sum(0)
 
 
+def _groups(names: tuple[str, str], a: TensorList, b: TensorList, check: bool) -> dict:
+    """``(device, dtype) -> (a part, b part)``, keyed by ``a``'s tensors. ``check``: every
+    tensor validated (:func:`sam_fast.ops.group_by_device_and_dtype`), as the public ops do
+    for any lists. Unchecked: for the family optimizers' own lists (their parameters, checked
+    once per layout; the gradients SAM's step has just checked; buffers they made like the
+    parameters), where the per-tensor checks cost more than the op on small models."""
+    if check:
+        return group_by_device_and_dtype(names, (a, b))
+    lead = a[0]
+    device, dtype = lead.device, lead.dtype
+    if all(t.dtype == dtype and t.device == device for t in a):
+        return {(device, dtype): (a, b)}
+    out: dict = {}
+    for x, y in zip(a, b):
+        xs, ys = out.setdefault((x.device, x.dtype), ([], []))
+        xs.append(x)
+        ys.append(y)
+    return out
+
+
 def dot_sumsq(a: TensorList, b: TensorList, *, backend: str = "auto") -> Tensor:
     """``[<a, b>, |a|^2, |b|^2]`` over all tensors of the aligned lists ``a`` and ``b``:
     a 1-dim tensor of three elements, fp32 (fp64 when every tensor is fp64), on the
     device of ``a[0]``. Deterministic (fixed reduction order)."""
+    return _dot_sumsq(a, b, backend, check=True)
+
+
+def _dot_sumsq(a: TensorList, b: TensorList, backend: str, check: bool) -> Tensor:
     if len(a) == 0:
         raise ValueError("dot_sumsq needs at least one tensor")
-    groups = group_by_device_and_dtype(("a", "b"), (a, b))
     partials = [dispatch.lookup("dot_sumsq", backend, device)(x, y)
-                for (device, _), (x, y) in groups.items()]
+                for (device, _), (x, y) in _groups(("a", "b"), a, b, check).items()]
     return _sum_on_home(partials, a[0].device)
 
 
 def combine_(a: TensorList, b: TensorList, coef: Tensor, *, backend: str = "auto") -> None:
     """``a <- coef[0] * a + coef[1] * b`` in place, ``coef`` a tensor of two elements
     (typically derived on the device from :func:`dot_sumsq`; never read on the host)."""
+    _combine(a, b, coef, backend, check=True)
+
+
+def _combine(a: TensorList, b: TensorList, coef: Tensor, backend: str, check: bool) -> None:
     if not isinstance(coef, Tensor) or coef.numel() != 2:
         raise ValueError("combine_: coef must be a tensor of two elements")
-    for (device, _), (x, y) in group_by_device_and_dtype(("a", "b"), (a, b)).items():
+    for (device, _), (x, y) in _groups(("a", "b"), a, b, check).items():
         dispatch.lookup("combine_", backend, device)(x, y, _on(coef.reshape(2), device))
 
 
@@ -137,11 +164,16 @@ def ema_residual_(
     (``u - sigma m`` with the previous average when not ``updated``); ``m <- m'``.
     Returns ``|g|^2`` of the written residual (0-dim, fp32). Where ``skip`` is non-zero
     nothing is written and the result is NaN."""
+    return _ema_residual(m, g, decay, sigma, updated, grad_scale, skip, backend, check=True)
+
+
+def _ema_residual(m: TensorList, g: TensorList, decay: float, sigma: float, updated: bool,
+                  grad_scale: Tensor | None, skip: Tensor | None, backend: str,
+                  check: bool) -> Tensor:
     if len(m) == 0:
         raise ValueError("ema_residual_ needs at least one tensor")
-    groups = group_by_device_and_dtype(("m", "g"), (m, g))
     partials = []
-    for (device, _), (x, y) in groups.items():
+    for (device, _), (x, y) in _groups(("m", "g"), m, g, check).items():
         partials.append(dispatch.lookup("ema_residual_", backend, device)(
             x, y, decay=float(decay), sigma=float(sigma), updated=bool(updated),
             grad_scale=None if grad_scale is None else _on(grad_scale, device),

@@ -343,20 +343,29 @@ class SAM(SharpnessOptimizer):
             self.zero_grad()
 
     def _plain_step(self) -> None:
-        """A step without the ascent (``interval`` > 1): the base optimizer's own ``step()``
-        on the current gradients (unscaled, or skipped, as GradScaler asks), one pass."""
+        """A step without the ascent (``interval`` > 1): the base optimizer's step on the
+        current gradients (unscaled, or skipped, as GradScaler asks), one pass.
+
+        It runs through SAM's own two phases with ``rho = 0``: the point is saved and not
+        moved (``e = 0``), and the restore + base step from it is the base step itself, on
+        the fused ops and the fast path where a SAM step is (the result agrees with the
+        base's own ``step()`` to fp32 rounding, as a SAM step's does); other bases get their
+        own ``step()`` there as in any SAM step. SAM's phases are called as SAM's, so that a
+        subclass's additions to a SAM step (a kept gradient, a rewrite) stay out of it."""
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
             raise RuntimeError("step(): no parameter has a gradient; run backward() first")
         self._plain_grads(grad_scale, found_inf)
-        self._base_step_fallback(list(self.param_groups), grad_scale, found_inf)
-        current = self._step_state.plan
-        if current is not None:
-            for b in current.buckets:  # the base step may have created state
-                b.cache.clear()
-        self._counter["steps"] += 1
-        self._mark_stepped()
+        rhos = [group["rho"] for group in self.param_groups]
+        try:
+            for group in self.param_groups:
+                group["rho"] = 0.0
+            SAM._first_step(self, None)
+        finally:
+            for group, rho in zip(self.param_groups, rhos):
+                group["rho"] = rho
+        SAM.second_step(self)  # counts the step and marks it taken
 
     def _plain_grads(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """What a plain step does to the gradients before the base step (LookSAM: adds

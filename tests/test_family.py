@@ -334,6 +334,33 @@ def test_interval_skips_the_second_pass():
     assert calls == [0, 3, 6]
 
 
+@pytest.mark.parametrize("base, base_kw", [
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
+    (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.05)),
+])
+def test_interval_plain_steps_are_the_base_step_on_the_fused_path(base, base_kw, monkeypatch):
+    """The plain steps of SAM(interval=k) are the base optimizer's step, bit for bit on the
+    torch backend (rho=0 makes the SAM steps plain too, so whole runs compare), taken by the
+    fused restore + step: the base optimizer's own step() is never called."""
+    ours_model, ref_model = small_cnn(0), small_cnn(0)
+    opt = SAM(ours_model.parameters(), base, rho=0.0, interval=4, backend="torch", **base_kw)
+    ref = base(ref_model.parameters(), **base_kw)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base optimizer's own step() ran")
+
+    monkeypatch.setattr(opt.base_optimizer, "step", refuse)
+    for batch in batches(9):
+        loss_of(ours_model, batch).backward()
+        opt.step(lambda batch=batch: loss_of(ours_model, batch).backward())
+        opt.zero_grad()
+        loss_of(ref_model, batch).backward()
+        ref.step()
+        ref.zero_grad()
+    for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+
+
 # -- training: each variant learns ---------------------------------------------------------
 
 
