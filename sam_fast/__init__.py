@@ -1,5 +1,5 @@
 """sam_fast: fast Sharpness-Aware Minimization (SAM, ASAM, USAM, SAMPa, and the family:
-GSAM, WSAM, LookSAM, Friendly-SAM, SAM every k steps) for PyTorch, and measures of
+GSAM, WSAM, LookSAM, Friendly-SAM, Momentum-SAM, SAM every k steps) for PyTorch, and measures of
 sharpness (:mod:`sam_fast.sharpness`)."""
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
@@ -8,10 +8,12 @@ from ._version import __version__
 from .batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
 from .dispatch import registered_backends
 from .family import GSAM, WSAM, FriendlySAM, LookSAM
+from .momentum_sam import MomentumSAM
 from .sam import SAM
 from .sampa import SAMPa
 
 __all__ = [
-    "SAM", "SAMPa", "GSAM", "WSAM", "LookSAM", "FriendlySAM", "disable_running_stats", "enable_running_stats", "frozen_running_stats", "ops",
+    "SAM", "SAMPa", "GSAM", "WSAM", "LookSAM", "FriendlySAM", "MomentumSAM",
+    "disable_running_stats", "enable_running_stats", "frozen_running_stats", "ops",
     "registered_backends", "sharpness", "__version__",
 ]

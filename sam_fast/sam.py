@@ -87,6 +87,10 @@ class SAM(SharpnessOptimizer):
 
     _PLAN_OPS = ("perturb_", "restore_", "restore_sgd_", "restore_adamw_")
 
+    # The perturbation is ``w + sign * rho * d / (|d| + eps)``: +1 for SAM's ascent along
+    # the gradient; Momentum-SAM moves against its direction (the momentum), -1.
+    _ascent_sign = 1.0
+
     # -- what the last first_step measured ------------------------------------------------------
 
     @property
@@ -193,7 +197,8 @@ class SAM(SharpnessOptimizer):
                 tensors = b.tensors if m is None else [b.tensors[i] for i in m]
                 backups = b.backups if m is None else [b.backups[i] for i in m]
                 b.impls["perturb_"](
-                    tensors, gs, backups, _on(sumsq, b.device), rho=float(group["rho"]),
+                    tensors, gs, backups, _on(sumsq, b.device),
+                    rho=self._ascent_sign * float(group["rho"]),
                     eps=float(group["perturb_eps"]), normalize=bool(group["normalize"]),
                     eta=self._adaptive_eta(group),
                     grad_scale=None if grad_scale is None else _on(grad_scale, b.device))
@@ -223,7 +228,8 @@ class SAM(SharpnessOptimizer):
             for b in current.buckets:
                 group = groups[b.group_index]
                 status = fast.perturb(
-                    b.fast, _on(sumsq, b.device), group["rho"], group["perturb_eps"],
+                    b.fast, _on(sumsq, b.device), self._ascent_sign * float(group["rho"]),
+                    group["perturb_eps"],
                     group["normalize"], self._adaptive_eta(group),
                     None if grad_scale is None else _on(grad_scale, b.device))
                 if status != plan.OK:

@@ -107,3 +107,19 @@ def fsam_trajectory(problem, base, steps, rho, sigma, lmbda, official=False):
         w = base.step(w, ga)
         out.append(w)
     return out
+
+
+def msam_trajectory(problem, base, steps, rho, direction):
+    """Momentum-SAM, Becker et al. 2024: w~_t = w_t - rho v_t / |v_t| with v_t the base's
+    momentum before step t (``direction(base)``: SGD64's buffer, AdamW64's first moment; None
+    before the first step, when w~_0 = w_0), the gradient at w~_t, the base step from w_t.
+    Written from the update the authors' optimizer/msam.py performs (its first loop moves
+    back by rho v_t/|v_t|, steps, and its second moves to the next w~): the same sequence of
+    unperturbed weights, with its weight decay read at w_t here (see docs/family.md)."""
+    w, out = problem.initial(), []
+    for t in range(steps):
+        v = direction(base)
+        point = w if v is None else _ascent(w, v, -rho)
+        w = base.step(w, problem.grad(point, t))
+        out.append(w)
+    return out
