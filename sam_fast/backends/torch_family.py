@@ -73,13 +73,13 @@ def ema_residual_(
     if grad_scale is not None:
         inv = torch.reciprocal(grad_scale.to(device=device, dtype=math))
         u = torch._foreach_mul(u, inv)
-    old = [t.to(math, copy=True) for t in m]
+    old = _widen(m)  # m itself in its math dtype: nothing writes it before the end
     new = torch._foreach_mul(old, decay)
     torch._foreach_add_(new, torch._foreach_mul(u, 1.0 - decay))
     ref = new if updated else old
     d = torch._foreach_sub(u, torch._foreach_mul(ref, sigma))
     # The direction as stored (rounded to the storage dtype) is what the norm measures.
-    stored = [t.to(x.dtype) for t, x in zip(d, g)]
+    stored = d if all(x.dtype == math for x in g) else [t.to(x.dtype) for t, x in zip(d, g)]
     total = torch.stack(torch._foreach_powsum(stored, 2, dtype=math)).sum()
     if skip is None:
         torch._foreach_copy_(list(m), new)
