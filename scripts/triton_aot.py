@@ -936,10 +936,6 @@ class Known:
 
 
 KNOWN = (
-    Known("_copy_kernel", "spill", 24, dtypes=("int32",),
-          why="ptxas (12.9 for sm_80, 13.4 for sm_90) unrolls the aligned int32 copy loop 4x "
-              "and parks 16-20 B of loop-invariant values on the stack before it (STL before "
-              "the loop, LDL after it, none inside): once per program, not per element"),
     Known("_restore_adam_kernel", "regs", 152, aligned=False,
           why="the unaligned variants with AMSGRAD and host step counters need 133-147 "
               "registers on sm_90 and 141 on sm_80 (every other Adam variant <= 128, the "
