@@ -160,15 +160,13 @@ def amp_args(table, grad_scale, found_inf) -> tuple:
     stand_in = table.stand_in
     if stand_in is None:
         stand_in = table.blocks.view(torch.float32)
-    if grad_scale is None:
-        grad_scale = stand_in
-    elif grad_scale.dtype != torch.float32:
-        grad_scale = grad_scale.float()  # one pointer type: one variant
-    if found_inf is None:
-        found_inf = stand_in
-    elif found_inf.dtype != torch.float32:
-        found_inf = found_inf.float()
-    return grad_scale, found_inf
+    return (stand_in if grad_scale is None else fp32_scalar(grad_scale),
+            stand_in if found_inf is None else fp32_scalar(found_inf))
+
+
+def fp32_scalar(t):
+    """A device scalar as fp32 (None stays None): one pointer type, so one kernel variant."""
+    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 @device_fn

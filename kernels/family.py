@@ -23,7 +23,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, kernel, load_or_zero, mul_rn, operand, to_storage
+from .common import (chunk_of, device_fn, fp32_scalar, kernel, load_or_zero, mul_rn, operand,
+                     to_storage)
 from .tables import BLOCK, CHUNK, LAUNCH, Table
 
 
@@ -194,8 +195,7 @@ def ema_residual(table: Table, dtype: tl.dtype, *, decay: float, sigma: float, u
     partials = torch.empty(table.n_blocks, dtype=torch.float32, device=device)
     out = torch.empty((), dtype=torch.float32, device=device)
     m_row, g_row = table.rows
-    if grad_scale is not None and grad_scale.dtype != torch.float32:
-        grad_scale = grad_scale.float()  # one pointer type: one variant
+    grad_scale = fp32_scalar(grad_scale)
     skip_ptr = partials if skip is None else skip  # read, and unused without a flag
     _ema_partials_kernel[(table.n_blocks,)](
         table.blocks, table.n_blocks, m_row, g_row, partials,

@@ -7,11 +7,10 @@ chain of tiny scalar ops and reads nothing on the host.
 
 from __future__ import annotations
 
-import torch
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, kernel, operand, to_storage
+from .common import chunk_of, device_fn, fp32_scalar, kernel, operand, to_storage
 from .tables import BLOCK, CHUNK, LAUNCH, Table
 
 # The largest finite fp32: |x| <= FP32_MAX is false exactly for inf and NaN.
@@ -103,8 +102,7 @@ def perturb(table: Table, dtype: tl.dtype, sumsq: Tensor, *, rho: float, eps: fl
     """Operands (params, grads, backups): ``backups <- w``, ``w <- w + e``, the scale
     derived in the kernel from ``sumsq`` (0-dim fp32 device tensor)."""
     p_row, g_row, b_row = table.rows
-    if grad_scale is not None and grad_scale.dtype != torch.float32:
-        grad_scale = grad_scale.float()  # one pointer type: one variant
+    grad_scale = fp32_scalar(grad_scale)
     _perturb_kernel[(table.n_blocks,)](
         table.blocks, table.n_blocks, p_row, g_row, b_row, sumsq,
         sumsq if grad_scale is None else grad_scale,  # read, and unused without a scale

@@ -44,6 +44,8 @@ class MomentumSAM(SAM):
     weight decay reads ``w`` where theirs reads ``w~``.
     """
 
+    _rho_factor = -1.0  # SAM's first step, against the direction (the momentum)
+
     def __init__(self, params: Iterable[Tensor] | Iterable[dict] | None,
                  base_optimizer: type[Optimizer] | Optimizer = torch.optim.SGD,
                  rho: float = 0.3, **kwargs: Any) -> None:
@@ -89,11 +91,9 @@ class MomentumSAM(SAM):
             # checks, norm and fused perturbation, with the sign turned.
             for p in params:
                 p.grad = state[p].get(key) if p in state else None
-            self._ascent_sign = -1.0
             if any(p.grad is not None for p in params):
                 moved = SAM._first_step(self, None)
         finally:
-            self._ascent_sign = 1.0
             for p in params:
                 p.grad = None  # never let backward() accumulate into the momentum
         if not moved:

@@ -87,9 +87,10 @@ class SAM(SharpnessOptimizer):
 
     _PLAN_OPS = ("perturb_", "restore_", "restore_sgd_", "restore_adamw_")
 
-    # The perturbation is ``w + sign * rho * d / (|d| + eps)``: +1 for SAM's ascent along
-    # the gradient; Momentum-SAM moves against its direction (the momentum), -1.
-    _ascent_sign = 1.0
+    # The perturbation is ``w + factor * rho * d / (|d| + eps)``: 1 for SAM's ascent along
+    # the gradient; Momentum-SAM (-1) moves against its direction, the momentum; a plain
+    # step (0) saves the point without moving it.
+    _rho_factor = 1.0
 
     # -- what the last first_step measured ------------------------------------------------------
 
@@ -198,7 +199,7 @@ class SAM(SharpnessOptimizer):
                 backups = b.backups if m is None else [b.backups[i] for i in m]
                 b.impls["perturb_"](
                     tensors, gs, backups, _on(sumsq, b.device),
-                    rho=self._ascent_sign * float(group["rho"]),
+                    rho=self._rho_factor * float(group["rho"]),
                     eps=float(group["perturb_eps"]), normalize=bool(group["normalize"]),
                     eta=self._adaptive_eta(group),
                     grad_scale=None if grad_scale is None else _on(grad_scale, b.device))
@@ -228,7 +229,7 @@ class SAM(SharpnessOptimizer):
             for b in current.buckets:
                 group = groups[b.group_index]
                 status = fast.perturb(
-                    b.fast, _on(sumsq, b.device), self._ascent_sign * float(group["rho"]),
+                    b.fast, _on(sumsq, b.device), self._rho_factor * float(group["rho"]),
                     group["perturb_eps"],
                     group["normalize"], self._adaptive_eta(group),
                     None if grad_scale is None else _on(grad_scale, b.device))
@@ -352,7 +353,7 @@ class SAM(SharpnessOptimizer):
         """A step without the ascent (``interval`` > 1): the base optimizer's step on the
         current gradients (unscaled, or skipped, as GradScaler asks), one pass.
 
-        It runs through SAM's own two phases with ``rho = 0``: the point is saved and not
+        It runs through SAM's own two phases with ``rho`` times 0: the point is saved and not
         moved (``e = 0``), and the restore + base step from it is the base step itself, on
         the fused ops and the fast path where a SAM step is (the result agrees with the
         base's own ``step()`` to fp32 rounding, as a SAM step's does); other bases get their
@@ -363,14 +364,11 @@ class SAM(SharpnessOptimizer):
         if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
             raise RuntimeError("step(): no parameter has a gradient; run backward() first")
         self._plain_grads(grad_scale, found_inf)
-        rhos = [group["rho"] for group in self.param_groups]
+        self._rho_factor = 0.0
         try:
-            for group in self.param_groups:
-                group["rho"] = 0.0
             SAM._first_step(self, None)
         finally:
-            for group, rho in zip(self.param_groups, rhos):
-                group["rho"] = rho
+            del self._rho_factor  # back to the class's factor
         SAM.second_step(self)  # counts the step and marks it taken
 
     def _plain_grads(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
