@@ -12,7 +12,7 @@ collective SAMPa's two-sided step uses.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -91,6 +91,35 @@ def local_ascent(model: torch.nn.Module) -> Iterator[None]:
         return
     with no_sync():
         yield
+    _local_grads.update(map(id, model.parameters()))
+
+
+# The parameters (by id) whose gradients the last local_ascent() block left local to this
+# rank, until the next SAM first step reads them. An update must not apply such a gradient:
+# every rank would step differently (a plain step of SAM every k steps, the second pass of
+# any step, the first gradient GSAM, WSAM and LookSAM mix into theirs). Empty unless a
+# DDP-wrapped model ran local_ascent(), so the optimizers' check costs one truth test.
+_local_grads: set[int] = set()
+
+
+def local_grads_among(params: Iterable[Tensor]) -> bool:
+    """Whether any of ``params`` holds a gradient from a local_ascent() block not yet read by
+    a first step."""
+    return bool(_local_grads) and not _local_grads.isdisjoint(map(id, params))
+
+
+def forget_local_grads() -> None:
+    """A first step read the local gradients (SAM's ascent: what local ascent is for)."""
+    _local_grads.clear()
+
+
+def refuse_local_grads(what: str) -> None:
+    """Raise the error for an update that would read local gradients (``what`` says which)."""
+    raise RuntimeError(
+        f"{what} from a local_ascent() block: DDP did not all-reduce them, so every rank "
+        "would step differently. Run only SAM's first pass (the ascent) under "
+        "local_ascent(); GSAM, WSAM and LookSAM need that pass all-reduced too, since their "
+        "update reads its gradient")
 
 
 class TwoSidedExchange:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import family_ops
+from . import distributed, family_ops
 from .sam import SAM, _scale_of
 from .wrapper import _eager
 
@@ -65,7 +65,10 @@ class _TwoGradients(SAM):
         if ok:
             # After the checks of SAM's first step (a sparse gradient was refused there).
             bufs = [self._buffer(p, "first_grad") for p, _ in pairs]
-            torch._foreach_copy_(bufs, [g for _, g in pairs])
+            grads = [g for _, g in pairs]
+            if distributed.is_dtensor(grads[0]):  # FSDP2: DTensor has no _foreach_copy_
+                bufs, grads = distributed.locals_of(bufs), distributed.locals_of(grads)
+            torch._foreach_copy_(bufs, grads)
             self._counter["first"] = [p for p, _ in pairs]
         return ok
 
@@ -75,8 +78,15 @@ class _TwoGradients(SAM):
         params = [p for p in firsts if p.grad is not None]
         return params, [p.grad for p in params], [self.state[p]["first_grad"] for p in params]
 
+    def _read_local_grads(self) -> None:
+        self._refuse_local_grads(f"{type(self).__name__}'s update reads the first pass's "
+                                 "gradients, and these come")
+        super()._read_local_grads()
+
     @_eager
     def second_step(self, zero_grad: bool = False) -> None:
+        if distributed._local_grads and self._step_state.perturbed is not None:
+            self._refuse_local_second_pass()  # before the rewrite reads the gradients
         if self._step_state.perturbed is not None and not self._counter["plain"]:
             params, second, first = self._pairs()
             if params:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import dispatch
 from .backends import torch_family
+from .distributed import all_reduce_sumsq, is_dtensor, locals_of
 from .ops import group_by_device_and_dtype
 
 TensorList = Sequence[Tensor]
@@ -128,12 +129,26 @@ def dot_sumsq(a: TensorList, b: TensorList, *, backend: str = "auto") -> Tensor:
     return _dot_sumsq(a, b, backend, check=True)
 
 
+def _sharded(names: tuple[str, ...], *lists: TensorList) -> bool:
+    """Whether the lists hold DTensors (FSDP2); then every tensor of every list must be one,
+    and the ops run on the local shards, a reduction completed over the shard groups."""
+    if not is_dtensor(lists[0][0]):
+        return False
+    for name, ts in zip(names, lists):
+        if not all(map(is_dtensor, ts)):
+            raise TypeError(f"{name}: a list mixes DTensors and plain tensors")
+    return True
+
+
 def _dot_sumsq(a: TensorList, b: TensorList, backend: str, check: bool) -> Tensor:
     if len(a) == 0:
         raise ValueError("dot_sumsq needs at least one tensor")
+    sharded = _sharded(("a", "b"), a, b)
+    la, lb = (locals_of(a), locals_of(b)) if sharded else (a, b)
     partials = [dispatch.lookup("dot_sumsq", backend, device)(x, y)
-                for (device, _), (x, y) in _groups(("a", "b"), a, b, check).items()]
-    return _sum_on_home(partials, a[0].device)
+                for (device, _), (x, y) in _groups(("a", "b"), la, lb, check).items()]
+    total = _sum_on_home(partials, la[0].device)
+    return all_reduce_sumsq(total, a) if sharded else total
 
 
 def combine_(a: TensorList, b: TensorList, coef: Tensor, *, backend: str = "auto") -> None:
@@ -145,6 +160,8 @@ def combine_(a: TensorList, b: TensorList, coef: Tensor, *, backend: str = "auto
 def _combine(a: TensorList, b: TensorList, coef: Tensor, backend: str, check: bool) -> None:
     if not isinstance(coef, Tensor) or coef.numel() != 2:
         raise ValueError("combine_: coef must be a tensor of two elements")
+    if len(a) and _sharded(("a", "b"), a, b):
+        a, b = locals_of(a), locals_of(b)  # elementwise: the shards are the whole story
     for (device, _), (x, y) in _groups(("a", "b"), a, b, check).items():
         dispatch.lookup("combine_", backend, device)(x, y, _on(coef.reshape(2), device))
 
@@ -172,10 +189,13 @@ def _ema_residual(m: TensorList, g: TensorList, decay: float, sigma: float, upda
                   check: bool) -> Tensor:
     if len(m) == 0:
         raise ValueError("ema_residual_ needs at least one tensor")
+    sharded = _sharded(("m", "g"), m, g)
+    lm, lg = (locals_of(m), locals_of(g)) if sharded else (m, g)
     partials = []
-    for (device, _), (x, y) in _groups(("m", "g"), m, g, check).items():
+    for (device, _), (x, y) in _groups(("m", "g"), lm, lg, check).items():
         partials.append(dispatch.lookup("ema_residual_", backend, device)(
             x, y, decay=float(decay), sigma=float(sigma), updated=bool(updated),
             grad_scale=None if grad_scale is None else _on(grad_scale, device),
             skip=None if skip is None else _on(skip, device)))
-    return _sum_on_home(partials, m[0].device)
+    total = _sum_on_home(partials, lm[0].device)
+    return all_reduce_sumsq(total, m) if sharded else total

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import base_step, ops, plan
+from . import base_step, distributed, ops, plan
 from .wrapper import SharpnessOptimizer, _eager, check_group_options, split_eps
 
 
@@ -140,16 +140,29 @@ class SAM(SharpnessOptimizer):
         if not self.ascent_due:
             if self._step_state.perturbed is not None or self._counter["plain"]:
                 raise RuntimeError("first_step() called twice without second_step()")
+            self._refuse_local_grads("a plain step of SAM(interval=k) would apply gradients")
             self._counter["plain"] = True
             if zero_grad:
                 self.zero_grad()
             return
+        if distributed._local_grads:
+            self._read_local_grads()
         if not self._first_step(grad_scaler):
             raise RuntimeError(
                 "first_step(): no parameter has a gradient; run backward() before first_step()"
             )
         if zero_grad:
             self.zero_grad()
+
+    def _read_local_grads(self) -> None:
+        """A local_ascent() pass is what SAM's ascent may read (each rank climbs along its own
+        gradient); subclasses whose update reads the first gradient refuse it."""
+        distributed.forget_local_grads()
+
+    def _refuse_local_grads(self, what: str) -> None:
+        if distributed._local_grads and distributed.local_grads_among(
+                p for g in self.param_groups for p in g["params"]):
+            distributed.refuse_local_grads(what)
 
     def _first_step(self, grad_scaler: Any, sumsq_hint: Tensor | None = None) -> bool:
         """:meth:`first_step`'s work; False (nothing touched) when no parameter has a gradient.
@@ -292,6 +305,8 @@ class SAM(SharpnessOptimizer):
         the plain base step with the current gradients.
         """
         state = self._step_state
+        if distributed._local_grads and state.perturbed is not None:
+            self._refuse_local_second_pass()
         if self._counter["plain"]:
             self._counter["plain"] = False
             self._plain_step()
@@ -349,6 +364,14 @@ class SAM(SharpnessOptimizer):
         if zero_grad:
             self.zero_grad()
 
+    def _refuse_local_second_pass(self) -> None:
+        """The second pass ran under local_ascent(): back to ``w``, then the error."""
+        if distributed.local_grads_among(p for g in self.param_groups for p in g["params"]):
+            self.restore()
+            distributed.refuse_local_grads(
+                "second_step() (the weights are back at w, unstepped): the step would apply "
+                "gradients")
+
     def _plain_step(self) -> None:
         """A step without the ascent (``interval`` > 1): the base optimizer's step on the
         current gradients (unscaled, or skipped, as GradScaler asks), one pass.
@@ -363,6 +386,7 @@ class SAM(SharpnessOptimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
             raise RuntimeError("step(): no parameter has a gradient; run backward() first")
+        self._refuse_local_grads("a plain step of SAM(interval=k) would apply gradients")
         self._plain_grads(grad_scale, found_inf)
         self._rho_factor = 0.0
         try:
@@ -428,6 +452,8 @@ class SAM(SharpnessOptimizer):
                 "(or call first_step() and second_step() yourself)"
             )
         first_loss = None
+        if distributed._local_grads:
+            self._read_local_grads()
         if not self._first_step(None):
             first_loss = self._evaluate(closure)
             if not self._first_step(None):

@@ -151,7 +151,110 @@ def ddp_failure(rank, world):
     return {"raised": None}
 
 
-SCENARIOS = {f.__name__: f for f in (ddp, fsdp2, sampa_parallel, sampa_failure, ddp_failure)}
+# name -> (optimizer factory over params, whether its step takes the first pass itself);
+# the SAM family under DDP (global ascent) and FSDP2, each against one process.
+def _family_cases():
+    from sam_fast import GSAM, WSAM, FriendlySAM, LookSAM, MomentumSAM
+
+    sgd = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return {
+        "gsam": (lambda ps: GSAM(ps, torch.optim.SGD, rho=0.1, alpha=0.4, **sgd), False),
+        "wsam": (lambda ps: WSAM(ps, torch.optim.SGD, rho=0.1, gamma=0.9, **sgd), False),
+        "looksam": (lambda ps: LookSAM(ps, torch.optim.SGD, rho=0.1, k=2, alpha=0.7, **sgd),
+                    False),
+        "friendly": (lambda ps: FriendlySAM(ps, torch.optim.AdamW, rho=0.1, sigma=1.0,
+                                            lmbda=0.9, lr=1e-3, weight_decay=1e-2), False),
+        "interval": (lambda ps: SAM(ps, torch.optim.SGD, rho=0.1, interval=2, **sgd), False),
+        "msam": (lambda ps: MomentumSAM(ps, torch.optim.SGD, rho=0.3, **sgd), True),
+    }
+
+
+FAMILY_STEPS = 5  # LookSAM and SAM every 2 steps: three SAM steps and two plain ones
+
+
+def family_steps(model, opt, data, one_pass, rank=0, world=1):
+    """Each family member the way users drive it: backward, then step(closure); Momentum-SAM
+    takes its one pass in step(closure)."""
+    for batch in data:
+        mine = _shard(batch, rank, world)
+
+        def closure(mine=mine):
+            loss = loss_of(model, mine)
+            loss.backward()
+            return loss
+
+        if not one_pass:
+            loss_of(model, mine).backward()
+        opt.step(closure)
+        opt.zero_grad(set_to_none=True)
+
+
+def family_ddp(rank, world):
+    """The family with DDP's all-reduce in both passes; the final weights of each."""
+    out = {}
+    data = batches(FAMILY_STEPS, batch_size=8, dtype=F64)
+    for name, (make, one_pass) in _family_cases().items():
+        model = torch.nn.parallel.DistributedDataParallel(small_convnet(0, F64))
+        opt = make(model.parameters())
+        family_steps(model, opt, data, one_pass, rank, world)
+        out[name] = [p.detach().clone() for p in model.module.parameters()]
+    return out
+
+
+def family_fsdp2(rank, world):
+    """The family over FSDP2-sharded parameters (the inner products, norms and the running
+    average's norm completed over the shards); the full weights of each."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    data = batches(FAMILY_STEPS, batch_size=8, dtype=F64)
+    for name, (make, one_pass) in _family_cases().items():
+        model = small_convnet(0, F64)
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = make(model.parameters())
+        family_steps(model, opt, data, one_pass, rank, world)
+        out[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return out
+
+
+def family_local_ascent(rank, world):
+    """What local_ascent() allows and refuses under real DDP: Friendly-SAM climbs locally;
+    GSAM's update would read the local first gradient (refused before anything moves); a
+    second pass under local_ascent() is refused with the weights back at w."""
+    from sam_fast import GSAM, FriendlySAM
+
+    out = {}
+    batch = _shard(batches(1, batch_size=8, dtype=F64)[0], rank, world)
+    model = torch.nn.parallel.DistributedDataParallel(small_convnet(0, F64))
+    opt = FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9)
+    for _ in range(2):
+        with local_ascent(model):
+            loss_of(model, batch).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, batch).backward()
+        opt.second_step(zero_grad=True)
+    out["friendly"] = [p.detach().clone() for p in model.module.parameters()]
+
+    model = torch.nn.parallel.DistributedDataParallel(small_convnet(0, F64))
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05)
+    with local_ascent(model):
+        loss_of(model, batch).backward()
+    before = [p.detach().clone() for p in model.module.parameters()]
+    try:
+        opt.first_step(zero_grad=True)
+        out["gsam"] = None
+    except RuntimeError as exc:
+        out["gsam"] = str(exc)
+    out["gsam_untouched"] = all(torch.equal(p, q)
+                                for p, q in zip(model.module.parameters(), before))
+    return out
+
+
+SCENARIOS = {f.__name__: f for f in (ddp, fsdp2, sampa_parallel, sampa_failure, ddp_failure,
+                                     family_ddp, family_fsdp2, family_local_ascent)}
 
 
 def main() -> None:

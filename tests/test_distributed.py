@@ -20,7 +20,7 @@ import torch
 
 import oracle
 from conftest import params_of, run_sam
-from dist_workers import FSDP_CASES, STEPS, _shard
+from dist_workers import FAMILY_STEPS, FSDP_CASES, STEPS, _family_cases, _shard, family_steps
 from models import batches, loss_of, small_convnet
 from sam_fast import SAM
 
@@ -146,3 +146,44 @@ def test_ddp_rank_crash_fails_the_peer_without_a_hang(tmp_path):
     assert results[0]["ok"], results[0].get("error")
     assert results[0]["raised"], "rank 0 must see an error when rank 1 dies"
     assert not results[1]["ok"]  # it crashed without writing a result
+
+
+# -- the SAM family (docs/family.md) ------------------------------------------------------------
+
+
+def _family_single_process():
+    data = batches(FAMILY_STEPS, batch_size=8, dtype=F64)
+    out = {}
+    for name, (make, one_pass) in _family_cases().items():
+        model = small_convnet(0, F64)
+        family_steps(model, make(model.parameters()), data, one_pass)
+        out[name] = params_of(model)
+    return out
+
+
+@pytest.mark.parametrize("scenario", ["family_ddp", "family_fsdp2"])
+def test_family_data_parallel_equals_one_process(tmp_path, single_thread, scenario):
+    # DDP all-reduces both passes' gradients; FSDP2 shards them, so GSAM's and LookSAM's
+    # inner products and Friendly-SAM's norm are sums over the ranks' shards. Either way the
+    # run is the single process's on the whole batch, to float64 rounding of the averages.
+    if scenario == "family_fsdp2":
+        pytest.importorskip("torch.distributed.fsdp")
+    results = launch(scenario, tmp_path, timeout=300)
+    _assert_ok(results)
+    want = _family_single_process()
+    start = params_of(small_convnet(0, F64))
+    for name, w in want.items():
+        assert oracle.max_rel_diff(w, start) > 1e-4, name  # it moved, so the check can fail
+        for r in results:
+            assert oracle.max_rel_diff(r[name], w) < 1e-12, name
+
+
+def test_family_under_local_ascent(tmp_path, single_thread):
+    results = launch("family_local_ascent", tmp_path)
+    _assert_ok(results)
+    for r in results:
+        assert "GSAM's update reads the first pass's gradients" in r["gsam"]
+        assert r["gsam_untouched"]
+    # Friendly-SAM climbs along each rank's own residual; the step's gradient is
+    # all-reduced, so the replicas stay equal bit for bit.
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["friendly"], results[1]["friendly"]))

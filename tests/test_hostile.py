@@ -501,3 +501,94 @@ def test_sampa_code_variant_follows_the_authors_script(weight_decay):
 def test_sampa_variant_is_checked():
     with pytest.raises(ValueError, match="variant"):
         SAMPa(nn.Linear(2, 1).parameters(), variant="authors")
+
+
+# -- local_ascent() gradients applied by an update (DDP: every rank would differ) ----------
+
+
+class _NoSyncModel(nn.Module):
+    """A stand-in for DistributedDataParallel: local_ascent() only needs ``no_sync()``
+    (tests/test_distributed.py runs the real one)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+    def no_sync(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+@pytest.fixture
+def no_local_grads():
+    from sam_fast import distributed
+
+    distributed._local_grads.clear()
+    yield
+    distributed._local_grads.clear()
+
+
+def _local_backward(model, batch):
+    from sam_fast.distributed import local_ascent
+
+    with local_ascent(model):
+        loss_of(model, batch).backward()
+
+
+def test_local_ascent_is_sams_first_pass_only(no_local_grads):
+    from sam_fast import GSAM, WSAM, LookSAM
+
+    data = batches(3, batch_size=8)
+    model = _NoSyncModel(small_convnet(0))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9)
+    for batch in data[:2]:  # SAM's own use, by hand and through step(closure)
+        _local_backward(model, batch)
+        opt.first_step(zero_grad=True)
+        loss_of(model, batch).backward()
+        opt.second_step(zero_grad=True)
+    _local_backward(model, data[2])
+    opt.step(make_closure(model, data[2]))
+
+    # The second pass under local_ascent(): refused, the weights back at w.
+    model.zero_grad(set_to_none=True)
+    loss_of(model, data[0]).backward()
+    w = params_of(model)
+    opt.first_step(zero_grad=True)
+    _local_backward(model, data[0])
+    with pytest.raises(RuntimeError, match=r"second_step\(\) \(the weights are back at w"):
+        opt.second_step(zero_grad=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+
+    # GSAM, WSAM and LookSAM read the first pass's gradient in their update.
+    for cls in (GSAM, WSAM, LookSAM):
+        model = _NoSyncModel(small_convnet(0))
+        opt = cls(model.parameters(), torch.optim.SGD, lr=0.05)
+        _local_backward(model, data[0])
+        w = params_of(model)
+        with pytest.raises(RuntimeError, match=f"{cls.__name__}'s update reads the first"):
+            opt.first_step()
+        with pytest.raises(RuntimeError, match=f"{cls.__name__}'s update reads the first"):
+            opt.step(make_closure(model, data[0]))
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+        assert not opt.base_optimizer.state
+
+
+def test_local_ascent_on_a_plain_step_of_sam_every_k_steps_is_refused(no_local_grads):
+    data = batches(2, batch_size=8)
+    model = _NoSyncModel(small_convnet(0))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, interval=2, lr=0.05, momentum=0.9)
+    _local_backward(model, data[0])
+    opt.step(make_closure(model, data[0]))  # a SAM step: fine
+    _local_backward(model, data[1])  # a plain step's only pass: its gradient is the update's
+    w = params_of(model)
+    state = _state_snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"a plain step of SAM\(interval=k\)"):
+        opt.step(make_closure(model, data[1]))
+    with pytest.raises(RuntimeError, match=r"a plain step of SAM\(interval=k\)"):
+        opt.first_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    assert all(torch.equal(v, _state_snapshot(opt)[k]) for k, v in state.items())
