@@ -203,6 +203,7 @@ class WSAM(_TwoGradients):
     """
 
     group_keys = SAM.group_keys | {"gamma"}
+    _TRANSIENT = SAM._TRANSIENT | {"_coefs"}  # device constants, remade after a copy
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict] | None,
                  base_optimizer: type[Optimizer] | Optimizer, rho: float = 0.05,
@@ -226,19 +227,30 @@ class WSAM(_TwoGradients):
                     out.setdefault(gamma, []).append(index[id(p)])
         return out
 
+    def _coef(self, a: float, b: float, device: torch.device) -> Tensor:
+        """``[a, b]`` on ``device`` in fp64 (the ops round it to each group's math dtype),
+        made once per value: no upload per step, which a CUDA graph could not replay."""
+        cache = self.__dict__.setdefault("_coefs", {})
+        key = (a, b, device)
+        coef = cache.get(key)
+        if coef is None:
+            if len(cache) > 64:  # a schedule moves lr every step: keep the cache small
+                cache.clear()
+            coef = cache[key] = torch.tensor([a, b], dtype=torch.float64, device=device)
+        return coef
+
     def _rewrite(self, params: list[Tensor], second: list[Tensor], first: list[Tensor]) -> None:
         device = second[0].device
         if not self.decouple:
             for gamma, idx in self._by_gamma(params).items():
-                coef = torch.tensor([gamma / (1 - gamma), (1 - 2 * gamma) / (1 - gamma)],
-                                    dtype=torch.float64, device=device)
+                coef = self._coef(gamma / (1 - gamma), (1 - 2 * gamma) / (1 - gamma), device)
                 family_ops._combine([second[i] for i in idx], [first[i] for i in idx], coef,
-                                self.backend, check=False)
+                                    self.backend, check=False)
             return
         # Decoupled: the base step sees g exactly (the first-gradient buffer becomes the
         # gradient), the buffer that held g_adv becomes g_adv - g for the step after it.
-        coef = torch.tensor([1.0, -1.0], dtype=torch.float64, device=device)
-        family_ops._combine(second, first, coef, self.backend, check=False)
+        family_ops._combine(second, first, self._coef(1.0, -1.0, device), self.backend,
+                            check=False)
         for p, sharp, g in zip(params, second, first):
             p.grad = g
             self.state[p]["first_grad"] = sharp
@@ -267,8 +279,7 @@ class WSAM(_TwoGradients):
                 continue
             gamma = float(group["gamma"])
             k = -float(group["lr"]) * gamma / (1 - gamma)
-            # Coefficients in fp64: the ops round them to the math dtype of each group.
-            coef = torch.tensor([1.0, k], dtype=torch.float64, device=ps[0].device)
+            coef = self._coef(1.0, k, ps[0].device)
             if grad_scale is not None:
                 coef = coef * torch.stack([torch.ones_like(grad_scale),
                                            torch.reciprocal(grad_scale)]).to(coef)

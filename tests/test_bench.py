@@ -5,6 +5,7 @@ No timing is asserted anywhere here: the runs are tiny and only their shape is c
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from sam_fast.bench import cli, contenders, e2e, presets, report, timing, traffic
+from sam_fast.bench import cli, contenders, e2e, family, presets, report, timing, traffic
 from sam_fast.bench.progress import Progress
 
 
@@ -564,4 +565,56 @@ def test_cli_host_only_writes_json_and_markdown(tmp_path, capsys):
             assert r["host_median_s"] > 0 and len(r["host_samples_s"]) == r["repeats"]
     md = (out / "results.md").read_text()
     assert "## Host cost of one step" in md and "| SAM+SGD | sam_fast[torch] |" in md
-    assert "host cost: tiny topology" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "host cost: tiny topology" in text
+    # the SAM family's host share: every variant, its rival beside it, no end to end here
+    fam = payload["family"]
+    assert fam["e2e"] == [] and fam["host_tensors"] == len(presets.resnet18_cifar_shapes())
+    measured = {(r["variant"], r["contender"]) for r in fam["host"]}
+    for v in family.variants():
+        assert (v.name, "sam_fast") in measured
+        if v.rival is not None and (v.rival[0] != "pytorch_optimizer" or _has_po()):
+            assert (v.name, v.rival[0]) in measured
+    assert all(r["median_s"] > 0 for r in fam["host"])
+    assert "## The SAM family" in md and "the SAM family" in text
+
+
+def _has_po() -> bool:
+    try:
+        import pytorch_optimizer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("protocol", ["two", "closure", "one"])
+def test_family_host_rounds_step_the_optimizer(protocol):
+    """A timed round really takes the variant's steps (the weights move, the step count)."""
+    by_protocol = {v.protocol: v for v in family.variants()}
+    v = by_protocol[protocol]
+    n = family.host_topology()
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(family.HOST_NUMEL)) for _ in range(n)]
+    grads = [torch.randn(family.HOST_NUMEL) for _ in range(n)]
+    opt = v.ours(params)
+    before = [p.detach().clone() for p in params]
+    one = family.host_round(opt, params, grads, v.protocol, v.steps)
+    one()
+    if protocol == "one":  # Momentum-SAM's first step has no momentum: a plain step
+        one()
+    assert all(not torch.equal(p, q) for p, q in zip(params, before))
+    assert opt._counter["steps"] == v.steps * (2 if protocol == "one" else 1)
+
+
+def test_family_e2e_smoke_run():
+    sizes = e2e.E2ESizes(cnn_batch=2, gpt_batch=1, gpt_ctx=8, gpt_d=32, gpt_layers=1,
+                         gpt_heads=2, gpt_vocab=64, image_size=8)
+    rows, notes = family.run_family_e2e(
+        torch.device("cpu"), timing.Budget(warmup=1, min_repeats=1, max_repeats=1),
+        timing.CpuTimer(), sizes=sizes, models=("gpt",))
+    assert not notes
+    assert {r.variant for r in rows} == {v.name for v in family.variants()}
+    assert all(r.ratio_to_sgd is not None and r.ratio_to_sgd > 0 for r in rows)
+    assert {r.variant: r.steps for r in rows}["looksam_k5"] == 5
+    text = report.family_e2e_table({"e2e": [dataclasses.asdict(r) for r in rows]})
+    assert "ratio to SGD" in text and "momentum_sam" in text

@@ -106,6 +106,7 @@ class Settings:
     progress: bool
     seed: int
     model: bool = True
+    family: bool = True
 
 
 def _split(values: Sequence[str] | None) -> list[str]:
@@ -149,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only the host cost of a step (tiny tensors; on a GPU also the "
                           "real shapes' host and device time), far quicker than the rest")
     p.add_argument("--no-host", action="store_true", help="skip the host-cost measurement")
+    p.add_argument("--no-family", action="store_true",
+                   help="skip the SAM family (GSAM, WSAM, Friendly-SAM, LookSAM, SAM every k "
+                        "steps, Momentum-SAM): their host share against pytorch-optimizer's "
+                        "and their training step against SGD's")
     p.add_argument("--warmup", type=int, metavar="N", help="untimed rounds per task")
     p.add_argument("--repeats", type=int, metavar="N", help="least timed rounds per task")
     p.add_argument("--max-repeats", type=int, metavar="N", help="most timed rounds per task")
@@ -275,7 +280,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, list[st
                         host=not (args.e2e_only or args.no_host), budget=budget,
                         host_budget=host_budget, out=args.out,
                         progress=not args.no_progress, seed=args.seed,
-                        model=not args.no_model)
+                        model=not args.no_model, family=not args.no_family)
     if args.list:
         print(list_everything(device))
         raise SystemExit(0)
@@ -339,8 +344,9 @@ def run(settings: Settings, notes: list[str]) -> dict:
     cells = [(p, d) for p in settings.presets for d in settings.dtypes] if settings.micro else []
     host_kinds = [False, True] if device.type == "cuda" else [False]
     host_steps = len(settings.presets) * len(host_kinds) if settings.host else 0
+    family = settings.family and (settings.host or settings.e2e)
     progress = Progress(len(cells) + 2 * settings.e2e + host_steps
-                        + (settings.micro or settings.e2e),
+                        + (settings.micro or settings.e2e) + family,
                         enabled=settings.progress)
     payload: dict = {
         "schema": 1,
@@ -356,6 +362,7 @@ def run(settings: Settings, notes: list[str]) -> dict:
         "cells": [],
         "host": None,
         "e2e": None,
+        "family": None,
         "notes": notes,
     }
     try:
@@ -412,6 +419,15 @@ def run(settings: Settings, notes: list[str]) -> dict:
                              status=progress.status)
             payload["e2e"] = result.to_json()
             progress.advance(2)
+        if family:
+            from .family import run_family
+
+            progress.label("SAM family")
+            payload["family"] = run_family(
+                device, settings.host_budget if settings.host else None,
+                settings.budget if settings.e2e else None, timer, status=progress.status,
+                seed=settings.seed).to_json()
+            progress.advance()
     except KeyboardInterrupt:
         notes.append("interrupted: partial results")
     finally:

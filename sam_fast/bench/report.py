@@ -366,6 +366,43 @@ def e2e_table(e2e: dict[str, Any], markdown: bool = False) -> str:
                  markdown)
 
 
+def family_host_table(family: dict[str, Any], markdown: bool = False) -> str:
+    rows = [[r["variant"], r["contender"], str(r["steps"]), fmt_time(r["median_s"]),
+             "" if r["rival_over_ours"] is None else f"{r['rival_over_ours']:.2f}x"]
+            for r in family["host"]]
+    return table(["variant", "contender", "steps", "host time (median)", "rival / ours"],
+                 rows, markdown)
+
+
+def family_e2e_table(family: dict[str, Any], markdown: bool = False) -> str:
+    rows = [[r["model"], r["variant"], str(r["steps"]), fmt_time(r["median_s"]),
+             fmt_time(r["sgd_median_s"]),
+             "-" if r["ratio_to_sgd"] is None else f"{r['ratio_to_sgd']:.2f}"]
+            for r in family["e2e"]]
+    return table(["model", "variant", "steps", "its steps (median)", "as many SGD steps",
+                  "ratio to SGD"], rows, markdown)
+
+
+FAMILY_EXPLANATION = (
+    "The SAM family (docs/family.md). Host share: ResNet-18's topology with tiny tensors "
+    "(the time is host work, fresh gradient clones before every pass included), one round "
+    "= one step with an SGD momentum base (5 steps for LookSAM and SAM every 5 steps); "
+    "\"rival / ours\": pytorch-optimizer's (torch.optim.SGD's step for the variants that "
+    "replace it) over ours, the median over interleaved rounds. End to end: the variant's "
+    "steps over as many SGD steps timed right before them on a copy of the model (median of "
+    "the pairs): two passes make about 2.0 a SAM step's floor, Momentum-SAM takes one pass "
+    "(1.0), the variants every 5 steps six passes in five steps (1.2).")
+
+
+def family_tables(family: dict[str, Any], markdown: bool = False) -> str:
+    parts = []
+    if family.get("host"):
+        parts.append(family_host_table(family, markdown))
+    if family.get("e2e"):
+        parts.append(family_e2e_table(family, markdown))
+    return "\n\n".join(parts)
+
+
 def _header_lines(payload: dict[str, Any]) -> list[str]:
     env = payload["environment"]
     git = env.get("git") or {}
@@ -405,6 +442,11 @@ def render_console(payload: dict[str, Any]) -> str:
                      "two forward/backward passes and a free optimizer) ==")
         parts.append(e2e_table(payload["e2e"]))
         parts.append("")
+    if payload.get("family") and (payload["family"]["host"] or payload["family"]["e2e"]):
+        parts.append("== the SAM family: host share against pytorch-optimizer's, training "
+                     "step against SGD's ==")
+        parts.append(family_tables(payload["family"]))
+        parts.append("")
     notes = all_notes(payload)
     if notes:
         parts.append("notes:")
@@ -427,6 +469,8 @@ def all_notes(payload: dict[str, Any]) -> list[str]:
         notes += [f"{tag}: {n}" for n in cell.get("notes", [])]
     if payload.get("e2e"):
         notes += payload["e2e"].get("notes", [])
+    if payload.get("family"):
+        notes += payload["family"].get("notes", [])
     return notes
 
 
@@ -461,6 +505,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
                 "pairs). SAM and SAMPa run two forward/backward passes, so about 2.00 is the "
                 "floor; it dips below 2.00 only where their optimizer work costs less than "
                 "twice SGD's own step.", "", e2e_table(e2e, markdown=True), ""]
+    family = payload.get("family")
+    if family and (family["host"] or family["e2e"]):
+        out += ["## The SAM family", "", FAMILY_EXPLANATION, "",
+                family_tables(family, markdown=True), ""]
     notes = all_notes(payload)
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
