@@ -6,8 +6,11 @@ calls ``torch.ops.sam_fast.<op>``, whose CPU or CUDA kernel the dispatcher
 picks from the tensors' device. Absent optional lists travel as empty lists
 (the schemas avoid mutable optional lists, see csrc/ops.cpp).
 
-float64 groups go to the torch backend: the compiled kernels compute in fp32
-and store fp32, fp16 and bf16 only. Tensors of any layout are accepted: the
+float64 groups of the section 3 ops go to the torch backend: their compiled
+kernels compute in fp32 and store fp32, fp16 and bf16 only. The SAM family's
+generic ops (``dot_sumsq``, ``combine_``, ``ema_residual_``; namesakes in
+:mod:`sam_fast.backends.torch_family`) have compiled kernels for fp64 too, in
+fp64 as their specification computes. Tensors of any layout are accepted: the
 C++ side stages the rare non-dense or differently-strided ones through a
 temporary (csrc/op_args.h).
 """
@@ -229,6 +232,41 @@ def sampa_update_(
         init_buffers=bool(init_buffers))
 
 
+# -- the SAM family's generic ops (schemas: sam_fast/family_ops.py) --------------------------
+
+
+def dot_sumsq(a: TensorList, b: TensorList) -> Tensor:
+    """``[<a, b>, |a|^2, |b|^2]`` (fp32; fp64 for fp64 storage), deterministic."""
+    if len(a) == 0:
+        raise ValueError("dot_sumsq needs at least one tensor")
+    return torch.ops.sam_fast.dot_sumsq(list(a), list(b))
+
+
+def combine_(a: TensorList, b: TensorList, coef: Tensor) -> None:
+    """``a <- coef[0] * a + coef[1] * b``, ``coef`` a device tensor of two elements."""
+    if len(a) == 0:
+        return None
+    torch.ops.sam_fast.combine_(list(a), list(b), coef)
+
+
+def ema_residual_(
+    m: TensorList,
+    g: TensorList,
+    *,
+    decay: float,
+    sigma: float,
+    updated: bool = True,
+    grad_scale: Tensor | None = None,
+    skip: Tensor | None = None,
+) -> Tensor:
+    """The running average and its residual with the residual's ``|g|^2`` (NaN, nothing
+    written, where ``skip``)."""
+    if len(m) == 0:
+        raise ValueError("ema_residual_ needs at least one tensor")
+    return torch.ops.sam_fast.ema_residual_(list(m), list(g), float(decay), float(sigma),
+                                            bool(updated), grad_scale, skip)
+
+
 OPS = {
     "grad_sumsq": grad_sumsq,
     "perturb_": perturb_,
@@ -237,4 +275,7 @@ OPS = {
     "restore_adamw_": restore_adamw_,
     "sampa_points_": sampa_points_,
     "sampa_update_": sampa_update_,
+    "dot_sumsq": dot_sumsq,
+    "combine_": combine_,
+    "ema_residual_": ema_residual_,
 }

@@ -30,22 +30,13 @@ OP_NAMES = (
 )
 
 # The SAM family's generic ops (docs/family.md): schemas in sam_fast/family_ops.py, the
-# specification in sam_fast/backends/torch_family.py, Triton kernels in kernels/family.py.
+# specification in sam_fast/backends/torch_family.py, Triton kernels in kernels/family.py,
+# C++ CPU and CUDA kernels in csrc/ (cpu/ops_cpu.cpp, cuda/ops_cuda.cu, family.h).
 FAMILY_OP_NAMES = (
     "dot_sumsq",
     "combine_",
     "ema_residual_",
 )
-
-# Ops a backend deliberately leaves to the ``torch`` backend. The compiled backends have
-# no kernels for the family's ops yet (they come with the C++ side of issue 13): on the
-# CPU ``backend="auto"`` (cpp) and ``backend="cpp"``, and on CUDA ``backend="cuda"``, run
-# them on the torch specification. Any other op missing from a backend's table is an
-# error, not a silent fallback (:func:`lookup`).
-TORCH_FALLBACK: dict[str, frozenset[str]] = {
-    "cpp": frozenset(FAMILY_OP_NAMES),
-    "cuda": frozenset(FAMILY_OP_NAMES),
-}
 
 # Preference order of ``backend="auto"`` per device type (docs/design.md section 4).
 AUTO_ORDER = {
@@ -135,24 +126,24 @@ def resolve(name: str, device: torch.device) -> str:
 def lookup(op: str, backend: str, device: torch.device) -> Callable:
     """The implementation of ``op`` for tensors on ``device``.
 
-    A backend that does not implement an op hands it to the ``torch`` backend, which
-    implements all of them, when it declares so in :data:`TORCH_FALLBACK` (or when it
-    registered only some of the section 3 ops, as a test backend may); a family op that a
-    backend neither implements nor declares is an error.
+    Every registered backend implements the SAM family's ops (:data:`FAMILY_OP_NAMES`):
+    one that does not is an error, never a silent hand-over to another backend. A backend
+    that registered only some of the section 3 ops (as a test backend may) hands the others
+    to the ``torch`` backend, which implements all of them.
     """
     concrete = resolve(backend, device)
     impl = _BACKENDS[concrete].ops.get(op)
     if impl is None:
-        if op in FAMILY_OP_NAMES and op not in TORCH_FALLBACK.get(concrete, frozenset()) \
-                and concrete != "torch":
-            raise RuntimeError(f"sam_fast backend {concrete!r} implements no {op!r} and does "
-                               "not declare a fallback to the torch backend for it")
+        if op in FAMILY_OP_NAMES:
+            raise RuntimeError(f"sam_fast backend {concrete!r} implements no {op!r}")
         impl = _BACKENDS["torch"].ops[op]
     return impl
 
 
 def served_by(op: str, backend: str, device: torch.device) -> str:
     """The backend whose implementation :func:`lookup` returns for ``op`` on ``device``:
-    ``backend`` resolved, or ``"torch"`` where it falls back (:data:`TORCH_FALLBACK`)."""
+    ``backend`` resolved, or ``"torch"`` for a section 3 op a partial backend lacks (an
+    error, as in :func:`lookup`, for a family op it lacks)."""
+    lookup(op, backend, device)
     concrete = resolve(backend, device)
     return concrete if op in _BACKENDS[concrete].ops else "torch"

@@ -14,14 +14,19 @@ reductions) from which GSAM, WSAM, LookSAM and Friendly-SAM are built:
 Their schemas are registered here with ``torch.library`` in the ``sam_fast`` namespace
 (``torch.ops.sam_fast.dot_sumsq`` ...), with the torch specification
 (:mod:`sam_fast.backends.torch_family`) as the ``CompositeExplicitAutograd`` kernel and
-fake implementations for FakeTensor / ``torch.compile`` / ``opcheck``. Compiled kernels
-(C++ CPU, CUDA) only need to add ``TORCH_LIBRARY_IMPL(sam_fast, CPU|CUDA, m)``
-implementations, which take precedence over the composite one, and entries in the
-``cpp``/``cuda`` op tables (then removed from ``dispatch.TORCH_FALLBACK``).
+fake implementations for FakeTensor / ``torch.compile`` / ``opcheck``. They live here, not
+in csrc/ops.cpp's ``TORCH_LIBRARY``, so that the ops exist without ``sam_fast._C``. When
+it is built, ``sam_fast._C`` registers their C++ CPU and CUDA kernels
+(``TORCH_LIBRARY_IMPL(sam_fast, CPU|CUDA)``, csrc/cpu/ops_cpu.cpp and
+csrc/cuda/ops_cuda.cu; fp64 storage included), which take precedence over the composite
+one, and the Autograd / ADInplaceOrView kernels of the other ops (an update under grad
+mode with an input that requires grad is refused; written lists get their version
+counters bumped).
 
 The public functions below group the lists by (device, dtype) and hand each group to
-the backend chosen by :mod:`sam_fast.dispatch` (``torch``, ``triton``; ``cpp`` and
-``cuda`` fall back to ``torch`` for these ops, see ``dispatch.TORCH_FALLBACK``).
+the backend chosen by :mod:`sam_fast.dispatch`: ``torch`` (the specification),
+``triton`` (kernels/family.py), ``cpp`` and ``cuda`` (the compiled kernels, through
+``torch.ops.sam_fast``).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 oracles written from the papers' equations (tests/family_oracle.py), over 30 steps of the
 small CNN, SGD and AdamW bases, on every backend here.
 
-- float64 runs (every backend computes fp64 groups with the torch specification) match
-  the oracle to 1e-10 relative: the same equations, float64 rounding only;
+- float64 runs (SAM's own ops on the torch specification in every backend; the family's
+  three ops on it too, or on the cpp kernels, which compute fp64 in fp64) match the
+  oracle to 1e-10 relative: the same equations, float64 rounding only;
 - float32 runs on the torch, triton (interpreter) and cpp/auto backends stay within
   FP32_BAR of the oracle: measured 1e-7 .. 2e-6 relative after 30 steps (fp32 rounding
   noise amplified by the trajectory, as for SAM in test_sam.py, whose noise level is

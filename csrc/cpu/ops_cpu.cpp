@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../elementwise.h"
+#include "../family.h"
 #include "../op_args.h"
 
 namespace sam_fast::cpu {
@@ -508,6 +509,221 @@ void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList
   lists.finish();
 }
 
+// ---------------------------------------------------------------------------
+// The SAM family's generic ops (sam_fast/family_ops.py; specification:
+// sam_fast/backends/torch_family.py; per-element math: family.h). Unlike the
+// ops above they take fp64 storage too (math in fp64 then), as the
+// specification does. The chunk cores below see raw pointers, sizes and
+// scalars only; the wrappers after them do the ATen work (checks, layouts,
+// scalars, the result tensor).
+
+// Calls f(T{}) for the group's storage dtype: fp32, fp16, bf16 or fp64.
+template <typename F>
+void dispatch_family(at::ScalarType dtype, const char* op, const F& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    case at::kDouble:
+      f(double{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
+                  "got ", dtype);
+  }
+}
+
+at::ScalarType family_math_dtype(at::ScalarType storage) {
+  return storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_family_dtype(at::ScalarType dtype, const char* op) {
+  dispatch_family(dtype, op, [](auto) {});
+}
+
+// dot_sumsq keeps three sums, so 8 lanes each: 3 x 16 fp32 lanes are 12 of the 16
+// SSE registers in accumulators alone, and GCC kept part of them on the stack in
+// the loop (8 lanes: a third of the stack accesses; no speed difference measurable
+// on the shared 2-core machine, where the op is near its 2x-grad_sumsq bytes).
+constexpr int kDotLanes = 8;
+
+// The lanes of a chunk's accumulators, pairwise in a fixed order.
+template <int kN = kLanes, typename Acc>
+Acc fold_lanes(Acc* acc) {
+  for (int width = kN / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  return acc[0];
+}
+
+// Chunk partials summed in chunk order in double: the same bits for any
+// number of threads (as grad_sumsq).
+template <typename Acc>
+Acc ordered_sum(const Acc* partials, size_t n) {
+  double sum = 0.0;
+  for (size_t i = 0; i < n; ++i) sum += partials[i];
+  return static_cast<Acc>(sum);
+}
+
+// dot_sumsq's chunk core: out = [<a, b>, |a|^2, |b|^2] of n elements.
+template <typename T, typename Acc>
+void dot_sumsq_chunk(const T* __restrict a, const T* __restrict b, int64_t n, Acc* out) {
+  Acc ab[kDotLanes] = {};
+  Acc aa[kDotLanes] = {};
+  Acc bb[kDotLanes] = {};
+  int64_t i = 0;
+  for (; i + kDotLanes <= n; i += kDotLanes) {
+    for (int l = 0; l < kDotLanes; ++l) {
+      const Acc x = static_cast<Acc>(a[i + l]);
+      const Acc y = static_cast<Acc>(b[i + l]);
+      ab[l] += x * y;
+      aa[l] += x * x;
+      bb[l] += y * y;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    const Acc x = static_cast<Acc>(a[i]);
+    const Acc y = static_cast<Acc>(b[i]);
+    ab[l] += x * y;
+    aa[l] += x * x;
+    bb[l] += y * y;
+  }
+  out[0] = fold_lanes<kDotLanes>(ab);
+  out[1] = fold_lanes<kDotLanes>(aa);
+  out[2] = fold_lanes<kDotLanes>(bb);
+}
+
+// combine_'s chunk core: a <- coef0 a + coef1 b. No restrict: b may be a.
+template <typename T, typename Acc>
+void combine_chunk(T* a, const T* b, int64_t n, Acc coef0, Acc coef1) {
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = static_cast<T>(
+        combine_value(static_cast<Acc>(a[i]), static_cast<Acc>(b[i]), coef0, coef1));
+  }
+}
+
+// One element of ema_residual_: writes m' and the stored residual, returns
+// the residual's square as stored.
+template <typename T, typename Acc>
+inline Acc ema_element(T* __restrict m, T* __restrict g, int64_t i, const EmaCoeffs<Acc>& c) {
+  Acc next, d;
+  ema_values(c, static_cast<Acc>(m[i]), static_cast<Acc>(g[i]), &next, &d);
+  const T stored = static_cast<T>(d);
+  m[i] = static_cast<T>(next);
+  g[i] = stored;
+  const Acc back = static_cast<Acc>(stored);
+  return back * back;
+}
+
+// ema_residual_'s chunk core: the average and residual of n elements, and
+// the residual's sum of squares.
+template <typename T, typename Acc>
+Acc ema_residual_chunk(T* __restrict m, T* __restrict g, int64_t n, const EmaCoeffs<Acc>& c) {
+  Acc acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += ema_element(m, g, i + l, c);
+  }
+  for (int l = 0; i < n; ++i, ++l) acc[l] += ema_element(m, g, i, c);
+  return fold_lanes(acc);
+}
+
+void check_same_length(at::TensorList first, at::TensorList second, const char* op,
+                       const char* first_name, const char* second_name) {
+  TORCH_CHECK(second.size() == first.size(), op, ": ", second_name, " has ", second.size(),
+              " tensors but ", first_name, " has ", first.size());
+}
+
+at::Tensor dot_sumsq(at::TensorList a, at::TensorList b) {
+  TORCH_CHECK(!a.empty(), "dot_sumsq needs at least one tensor");
+  check_same_length(a, b, "dot_sumsq", "a", "b");
+  FlatLists lists({{"a", a, true, false}, {"b", b, true, false}}, "dot_sumsq");
+  at::Tensor out = at::empty({3}, a[0].options().dtype(family_math_dtype(lists.dtype())));
+  const auto chunks = chunks_of(lists);
+  dispatch_family(lists.dtype(), "dot_sumsq", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    // partial[3 c + j]: sum j of chunk c.
+    std::vector<Acc> partial(3 * chunks.size());
+    for_each_chunk(chunks, total_numel(lists), [&](int64_t ci, const Chunk& c) {
+      dot_sumsq_chunk<T, Acc>(at_chunk<T>(lists, 0, c), at_chunk<T>(lists, 1, c), c.end - c.begin,
+                              partial.data() + 3 * ci);
+    });
+    double sums[3] = {0.0, 0.0, 0.0};
+    for (size_t ci = 0; ci < chunks.size(); ++ci) {
+      for (int j = 0; j < 3; ++j) sums[j] += partial[3 * ci + j];
+    }
+    Acc* o = out.data_ptr<Acc>();
+    for (int j = 0; j < 3; ++j) o[j] = static_cast<Acc>(sums[j]);
+  });
+  return out;
+}
+
+void combine_(at::TensorList a, at::TensorList b, const at::Tensor& coef) {
+  check_same_length(a, b, "combine_", "a", "b");
+  TORCH_CHECK(coef.numel() == 2, "combine_: coef must hold two elements, got shape ",
+              coef.sizes());
+  FlatLists lists({{"a", a, true, true}, {"b", b, true, false}}, "combine_");
+  if (lists.empty()) return;
+  dispatch_family(lists.dtype(), "combine_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    // Rounded to the math dtype as torch_family does (coef.to(math)).
+    const at::Tensor c = coef.to(at::kCPU, family_math_dtype(lists.dtype())).contiguous();
+    const Acc c0 = c.data_ptr<Acc>()[0];
+    const Acc c1 = c.data_ptr<Acc>()[1];
+    const auto chunks = chunks_of(lists);
+    for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& ch) {
+      combine_chunk<T, Acc>(at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch),
+                            ch.end - ch.begin, c0, c1);
+    });
+  });
+  lists.finish();
+}
+
+at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, double sigma,
+                         bool updated, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& skip) {
+  TORCH_CHECK(!m.empty(), "ema_residual_ needs at least one tensor");
+  check_same_length(m, g, "ema_residual_", "m", "g");
+  FlatLists lists({{"m", m, true, true}, {"g", g, true, true}}, "ema_residual_");
+  check_family_dtype(lists.dtype(), "ema_residual_");
+  const at::ScalarType math = family_math_dtype(lists.dtype());
+  const auto options = m[0].options().dtype(math);
+  if (skip.has_value()) {
+    TORCH_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", skip->sizes());
+    // A skipped step writes nothing and reports NaN (a CPU flag: no device sync).
+    if (skip->item<double>() != 0.0) return at::full({}, std::nan(""), options);
+  }
+  at::Tensor out = at::empty({}, options);
+  dispatch_family(lists.dtype(), "ema_residual_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    EmaCoeffs<Acc> c{static_cast<Acc>(decay), static_cast<Acc>(1.0 - decay),
+                     static_cast<Acc>(sigma), Acc(1), updated};
+    if (grad_scale.has_value()) {
+      TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
+                  grad_scale->sizes());
+      c.inv_scale = Acc(1) / grad_scale->to(at::kCPU, math).item<Acc>();
+    }
+    const auto chunks = chunks_of(lists);
+    std::vector<Acc> partial(chunks.size());
+    for_each_chunk(chunks, total_numel(lists), [&](int64_t ci, const Chunk& ch) {
+      partial[ci] = ema_residual_chunk<T, Acc>(at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch),
+                                               ch.end - ch.begin, c);
+    });
+    *out.data_ptr<Acc>() = ordered_sum(partial.data(), partial.size());
+  });
+  lists.finish();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
@@ -518,6 +734,9 @@ TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
   m.impl("restore_adamw_", &restore_adamw_);
   m.impl("sampa_points_", &sampa_points_);
   m.impl("sampa_update_", &sampa_update_);
+  m.impl("dot_sumsq", &dot_sumsq);
+  m.impl("combine_", &combine_);
+  m.impl("ema_residual_", &ema_residual_);
 }
 
 }  // namespace sam_fast::cpu

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../elementwise.h"
+#include "../family.h"
 #include "../op_args.h"
 #include "multi_tensor_apply.cuh"
 
@@ -720,6 +721,384 @@ void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList
   lists.finish();
 }
 
+// ---------------------------------------------------------------------------
+// The SAM family's generic ops (sam_fast/family_ops.py; specification:
+// sam_fast/backends/torch_family.py; per-element math: family.h). Storage
+// fp32, fp16, bf16 and fp64 (math in fp64 then, as in the specification).
+// The reductions are grad_sumsq's: per-block partials of a fixed tree, then
+// one block per result sums them in a fixed order (no atomics). The kernel
+// bodies see raw pointers and scalars only; the host wrappers after them do
+// the ATen work.
+
+// Calls f(T{}) for the group's storage dtype: fp32, fp16, bf16 or fp64.
+template <typename F>
+void dispatch_family(at::ScalarType dtype, const char* op, const F& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    case at::kDouble:
+      f(double{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
+                  "got ", dtype);
+  }
+}
+
+at::ScalarType family_math_dtype(at::ScalarType storage) {
+  return storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+__device__ __forceinline__ float quiet_nan(float) { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ double quiet_nan(double) {
+  return __longlong_as_double(0x7ff8000000000000LL);
+}
+
+// A device flag (ema_residual_'s skip): fp32 as GradScaler makes it, any
+// other dtype as fp64 (exact for every float, and non-zero stays non-zero).
+struct DeviceFlag {
+  const float* f;   // null unless the flag is fp32
+  const double* d;  // null unless the flag is fp64
+  __device__ __forceinline__ bool set() const {
+    return f != nullptr ? *f != 0.0f : (d != nullptr && *d != 0.0);
+  }
+};
+
+// Where each block of the call writes its partials (nsums per block).
+template <typename Acc>
+struct PartialsArgs {
+  Acc* partials;        // [nsums][blocks of the whole call]
+  int64_t blocks;       // the row length
+  int64_t first_block;  // blocks launched before this launch
+};
+
+// The chunk of this block: its tensor, first element and length.
+template <int Depth, typename Extra, bool kLarge>
+__device__ __forceinline__ int64_t block_chunk(const TensorListMetadata<Depth, Extra, kLarge>& meta,
+                                               int* t, int64_t* start) {
+  *t = meta.block_to_tensor[blockIdx.x];
+  *start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t remaining = meta.numel[*t] - *start;
+  return remaining < kChunkSize ? remaining : kChunkSize;
+}
+
+// Sum row blockIdx.x of the partials in a fixed order (in double), NaN where
+// skip is set.
+template <typename Acc>
+__global__ void __launch_bounds__(kBlockSize)
+    family_sums_kernel(const Acc* partials, int64_t n, Acc* out, const DeviceFlag skip) {
+  const Acc* row = partials + blockIdx.x * n;
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += row[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) out[blockIdx.x] = skip.set() ? quiet_nan(Acc{}) : static_cast<Acc>(acc);
+}
+
+// -- dot_sumsq: lists a, b; three partials per block.
+
+template <typename T, typename Acc, bool kLarge>
+__device__ __forceinline__ void dot_sumsq_body(const TensorListMetadata<2, NoExtra, kLarge>& meta,
+                                               const PartialsArgs<Acc>& out) {
+  int t;
+  int64_t start;
+  const int64_t n = block_chunk(meta, &t, &start);
+  const T* a = static_cast<const T*>(meta.addresses[0][t]) + start;
+  const T* b = static_cast<const T*>(meta.addresses[1][t]) + start;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  Acc ab = Acc(0), aa = Acc(0), bb = Acc(0);
+  int64_t done = 0;
+  if (aligned) {
+    using V = Vec16<T>;
+    const int64_t nvec = n / V::kSize;
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      const V av = reinterpret_cast<const V*>(a)[i];
+      const V bv = reinterpret_cast<const V*>(b)[i];
+#pragma unroll
+      for (int j = 0; j < V::kSize; ++j) {
+        const Acc x = static_cast<Acc>(av.v[j]);
+        const Acc y = static_cast<Acc>(bv.v[j]);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+      }
+    }
+    done = nvec * V::kSize;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    const Acc x = static_cast<Acc>(a[i]);
+    const Acc y = static_cast<Acc>(b[i]);
+    ab += x * y;
+    aa += x * x;
+    bb += y * y;
+  }
+  // block_sum's shared slots are reused: every warp must be past one sum's
+  // read before the next sum writes them.
+  ab = block_sum(ab);
+  __syncthreads();
+  aa = block_sum(aa);
+  __syncthreads();
+  bb = block_sum(bb);
+  if (threadIdx.x == 0) {
+    const int64_t k = out.first_block + blockIdx.x;
+    out.partials[k] = ab;
+    out.partials[out.blocks + k] = aa;
+    out.partials[2 * out.blocks + k] = bb;
+  }
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kBlockSize)
+    dot_sumsq_kernel(const TensorListMetadata<2, NoExtra, false> meta,
+                     const PartialsArgs<Acc> out) {
+  dot_sumsq_body<T>(meta, out);
+}
+
+#if SAMF_LARGE_PARAMS
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kBlockSize)
+    dot_sumsq_kernel(const TensorListMetadata<2, NoExtra, true> meta, const PartialsArgs<Acc> out)
+#if SAMF_LARGE_KERNEL_DEFINED
+{
+  dot_sumsq_body<T>(meta, out);
+}
+#else
+    ;
+#endif
+#endif
+
+int64_t total_blocks(const FlatLists& lists) {
+  int64_t blocks = 0;
+  for (size_t j = 0; j < lists.size(); ++j) blocks += chunks_of(lists.numel(j));
+  return blocks;
+}
+
+void check_same_length(at::TensorList first, at::TensorList second, const char* op,
+                       const char* first_name, const char* second_name) {
+  TORCH_CHECK(second.size() == first.size(), op, ": ", second_name, " has ", second.size(),
+              " tensors but ", first_name, " has ", first.size());
+}
+
+at::Tensor dot_sumsq(at::TensorList a, at::TensorList b) {
+  TORCH_CHECK(!a.empty(), "dot_sumsq needs at least one tensor");
+  check_same_length(a, b, "dot_sumsq", "a", "b");
+  FlatLists lists({{"a", a, true, false}, {"b", b, true, false}}, "dot_sumsq");
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const auto options = a[0].options().dtype(family_math_dtype(lists.dtype()));
+  at::Tensor out = at::empty({3}, options);
+  const int64_t blocks = total_blocks(lists);
+  at::Tensor partials = at::empty({3 * (blocks > 0 ? blocks : 1)}, options);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_family(lists.dtype(), "dot_sumsq", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    const PartialsArgs<Acc> args{partials.data_ptr<Acc>(), blocks, 0};
+    multi_tensor_apply<2, NoExtra>(
+        lists.device().index(), list_pointers<2>(lists), lists.numels().data(), lists.size(),
+        static_cast<const NoExtra*>(nullptr), [&](const auto& meta, int nb, int64_t first) {
+          PartialsArgs<Acc> launch_args = args;
+          launch_args.first_block = first;
+          dot_sumsq_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, launch_args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+    family_sums_kernel<Acc><<<3, kBlockSize, 0, stream>>>(
+        partials.data_ptr<Acc>(), blocks, out.data_ptr<Acc>(), DeviceFlag{nullptr, nullptr});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// -- combine_: lists a (read, written), b.
+
+template <typename Acc>
+struct CombineCtx {
+  Acc c0;
+  Acc c1;
+};
+
+template <typename Acc>
+struct CombineOp {
+  const Acc* coef;  // two elements on the device, in the math dtype
+
+  __device__ CombineCtx<Acc> prepare(NoExtra) const { return {coef[0], coef[1]}; }
+  __device__ unsigned reads(const CombineCtx<Acc>&) const { return 0b11u; }
+  __device__ unsigned writes(const CombineCtx<Acc>&) const { return 0b01u; }
+  template <typename T>
+  __device__ void apply(T (&e)[2], const CombineCtx<Acc>& c) const {
+    e[0] = static_cast<T>(
+        combine_value(static_cast<Acc>(e[0]), static_cast<Acc>(e[1]), c.c0, c.c1));
+  }
+};
+
+void combine_(at::TensorList a, at::TensorList b, const at::Tensor& coef) {
+  check_same_length(a, b, "combine_", "a", "b");
+  TORCH_CHECK(coef.numel() == 2, "combine_: coef must hold two elements, got shape ",
+              coef.sizes());
+  FlatLists lists({{"a", a, true, true}, {"b", b, true, false}}, "combine_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  // In the math dtype on the device, as torch_family does (coef.to(math)): no copy
+  // when it is there already.
+  const at::Tensor c =
+      coef.to(lists.device(), family_math_dtype(lists.dtype())).contiguous();
+  dispatch_family(lists.dtype(), "combine_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    launch_elementwise<2, T, NoExtra>(lists, nullptr, CombineOp<Acc>{c.data_ptr<Acc>()});
+  });
+  lists.finish();
+}
+
+// -- ema_residual_: lists m, g (both read and written); one partial per block.
+
+template <typename Acc>
+struct EmaArgs {
+  EmaCoeffs<Acc> c;       // inv_scale: set in the kernel from grad_scale
+  const Acc* grad_scale;  // null without GradScaler
+  DeviceFlag skip;
+  PartialsArgs<Acc> out;
+};
+
+template <typename T, typename Acc>
+__device__ __forceinline__ Acc ema_element(T& m, T& g, const EmaCoeffs<Acc>& c) {
+  Acc next, d;
+  ema_values(c, static_cast<Acc>(m), static_cast<Acc>(g), &next, &d);
+  const T stored = static_cast<T>(d);
+  m = static_cast<T>(next);
+  g = stored;
+  const Acc back = static_cast<Acc>(stored);
+  return back * back;
+}
+
+template <typename T, typename Acc, bool kLarge>
+__device__ __forceinline__ void ema_residual_body(const TensorListMetadata<2, NoExtra, kLarge>& meta,
+                                                  const EmaArgs<Acc>& a) {
+  int t;
+  int64_t start;
+  const int64_t n = block_chunk(meta, &t, &start);
+  const int64_t slot = a.out.first_block + blockIdx.x;
+  // A skipped step (the flag is the same for every block): nothing read or
+  // written; the sums kernel reports NaN.
+  if (a.skip.set()) {
+    if (threadIdx.x == 0) a.out.partials[slot] = Acc(0);
+    return;
+  }
+  EmaCoeffs<Acc> c = a.c;
+  c.inv_scale = a.grad_scale != nullptr ? rn_rcp(*a.grad_scale) : Acc(1);
+  T* m = static_cast<T*>(meta.addresses[0][t]) + start;
+  T* g = static_cast<T*>(meta.addresses[1][t]) + start;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(m) % 16 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0;
+  Acc acc = Acc(0);
+  int64_t done = 0;
+  if (aligned) {
+    using V = Vec16<T>;
+    const int64_t nvec = n / V::kSize;
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      V mv = reinterpret_cast<const V*>(m)[i];
+      V gv = reinterpret_cast<const V*>(g)[i];
+#pragma unroll
+      for (int j = 0; j < V::kSize; ++j) acc += ema_element(mv.v[j], gv.v[j], c);
+      reinterpret_cast<V*>(m)[i] = mv;
+      reinterpret_cast<V*>(g)[i] = gv;
+    }
+    done = nvec * V::kSize;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    T mi = m[i];
+    T gi = g[i];
+    acc += ema_element(mi, gi, c);
+    m[i] = mi;
+    g[i] = gi;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) a.out.partials[slot] = acc;
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kBlockSize)
+    ema_residual_kernel(const TensorListMetadata<2, NoExtra, false> meta, const EmaArgs<Acc> a) {
+  ema_residual_body<T>(meta, a);
+}
+
+#if SAMF_LARGE_PARAMS
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kBlockSize)
+    ema_residual_kernel(const TensorListMetadata<2, NoExtra, true> meta, const EmaArgs<Acc> a)
+#if SAMF_LARGE_KERNEL_DEFINED
+{
+  ema_residual_body<T>(meta, a);
+}
+#else
+    ;
+#endif
+#endif
+
+at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, double sigma,
+                         bool updated, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& skip) {
+  TORCH_CHECK(!m.empty(), "ema_residual_ needs at least one tensor");
+  check_same_length(m, g, "ema_residual_", "m", "g");
+  FlatLists lists({{"m", m, true, true}, {"g", g, true, true}}, "ema_residual_");
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const at::Device device = lists.device();
+  const at::ScalarType math = family_math_dtype(lists.dtype());
+  const auto options = m[0].options().dtype(math);
+  // Device copies of the scalars (none where they are there already), alive for the launches.
+  std::optional<at::Tensor> gs;
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
+                grad_scale->sizes());
+    gs = grad_scale->to(device, math);
+  }
+  std::optional<at::Tensor> flag;
+  DeviceFlag skip_flag{nullptr, nullptr};
+  if (skip.has_value()) {
+    TORCH_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", skip->sizes());
+    if (skip->scalar_type() == at::kFloat) {
+      flag = skip->to(device);
+      skip_flag.f = flag->data_ptr<float>();
+    } else {
+      flag = skip->to(device, at::kDouble);
+      skip_flag.d = flag->data_ptr<double>();
+    }
+  }
+  at::Tensor out = at::empty({}, options);
+  const int64_t blocks = total_blocks(lists);
+  at::Tensor partials = at::empty({blocks > 0 ? blocks : 1}, options);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_family(lists.dtype(), "ema_residual_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    const EmaArgs<Acc> args{
+        {static_cast<Acc>(decay), static_cast<Acc>(1.0 - decay), static_cast<Acc>(sigma), Acc(1),
+         updated},
+        gs.has_value() ? gs->data_ptr<Acc>() : nullptr,
+        skip_flag,
+        {partials.data_ptr<Acc>(), blocks, 0}};
+    multi_tensor_apply<2, NoExtra>(
+        device.index(), list_pointers<2>(lists), lists.numels().data(), lists.size(),
+        static_cast<const NoExtra*>(nullptr), [&](const auto& meta, int nb, int64_t first) {
+          EmaArgs<Acc> launch_args = args;
+          launch_args.out.first_block = first;
+          ema_residual_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, launch_args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+    family_sums_kernel<Acc><<<1, kBlockSize, 0, stream>>>(partials.data_ptr<Acc>(), blocks,
+                                                         out.data_ptr<Acc>(), skip_flag);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  lists.finish();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
@@ -730,6 +1109,9 @@ TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
   m.impl("restore_adamw_", &restore_adamw_);
   m.impl("sampa_points_", &sampa_points_);
   m.impl("sampa_update_", &sampa_update_);
+  m.impl("dot_sumsq", &dot_sumsq);
+  m.impl("combine_", &combine_);
+  m.impl("ema_residual_", &ema_residual_);
 }
 
 }  // namespace sam_fast::cuda
