@@ -123,3 +123,69 @@ def msam_trajectory(problem, base, steps, rho, direction):
         w = base.step(w, problem.grad(point, t))
         out.append(w)
     return out
+
+
+# -- ESAM and BSAM ---------------------------------------------------------------------------
+
+
+def _losses(problem, w, k, idx=None, grad=False):
+    """Per-example cross-entropy losses of batch ``k`` (its examples ``idx``) at ``w``, and
+    with ``grad`` the gradient of their mean (the model's batch statistics are those of the
+    examples passed, as in a forward pass over them)."""
+    from torch.func import functional_call
+
+    x, y = problem.batches[k]
+    if idx is not None:
+        x, y = x[idx], y[idx]
+    leaves = [t.detach().clone().requires_grad_(grad) for t in w]
+    with torch.set_grad_enabled(grad):
+        out = functional_call(problem.model, dict(zip(problem.names, leaves)), (x,))
+        losses = torch.nn.functional.cross_entropy(out, y, reduction="none")
+    if not grad:
+        return losses.detach(), None
+    return losses.detach(), [g.detach() for g in torch.autograd.grad(losses.mean(), leaves)]
+
+
+def esam_trajectory(problem, base, steps, rho, beta, gamma, seed, swp="element", eps=1e-12):
+    """ESAM, Du et al. ICLR 2022 (Section 3 and Algorithm 1).
+
+    SWP (Section 3.1): a mask ``m`` with Bernoulli(beta) entries, ``e = (rho / beta) m * g /
+    |g|``, ``g = grad L_B(w)``: ``swp="element"`` one entry per coordinate and ``|g|`` the
+    whole gradient's norm (the paper's mask over the weights); ``swp="tensor"`` one entry per
+    parameter tensor and ``|g|`` over the chosen tensors (the authors' utils/Esam.py, where
+    the others have no gradient). SDS (Section 3.2, the set B+ of its selection equation):
+    B+ the ``floor(gamma n)`` examples with the largest ``l(w + e) - l(w)``, and the update
+    is the base step with ``grad L_{B+}(w + e)``, the mean over B+ (the model run on B+).
+
+    The random numbers are drawn as sam_fast.ESAM draws them (one CPU generator seeded with
+    ``seed``; per step an fp32 ``bernoulli_(beta)`` over all coordinates in parameter order,
+    or one fp64 ``rand`` per tensor compared with beta), so that the masks are the same."""
+    gen = torch.Generator().manual_seed(seed)
+    w, out = problem.initial(), []
+    for t in range(steps):
+        before, g = _losses(problem, w, t, grad=True)
+        if beta < 1.0:
+            if swp == "element":
+                flat = torch.empty(sum(x.numel() for x in w), dtype=torch.float32)
+                flat = flat.bernoulli_(beta, generator=gen).double()
+                masks = list(torch.split(flat, [x.numel() for x in w]))
+                masks = [mi.view(x.shape) for mi, x in zip(masks, w)]
+                norm = _norm(g)
+            else:
+                keep = torch.rand(len(w), generator=gen, dtype=torch.float64) < beta
+                masks = [torch.full_like(x, float(k)) for x, k in zip(w, keep.tolist())]
+                norm = _norm([mi * gi for mi, gi in zip(masks, g)])
+            point = [wi + (rho / beta) * mi * gi / (norm + eps) for wi, mi, gi in zip(w, masks, g)]
+        else:
+            point = _ascent(w, g, rho, eps)
+        if gamma < 1.0:
+            after, _ = _losses(problem, point, t)
+            n = after.shape[0]
+            k = max(1, int(gamma * n + 1e-9))
+            idx = torch.sort(torch.topk(after - before, k).indices).values
+            _, ga = _losses(problem, point, t, idx, grad=True)
+        else:
+            _, ga = _losses(problem, point, t, grad=True)
+        w = base.step(w, ga)
+        out.append(w)
+    return out
