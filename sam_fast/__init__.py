@@ -7,6 +7,7 @@ from . import ops, sharpness
 from ._version import __version__
 from .batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
 from .dispatch import registered_backends
+from .bsam import BSAM
 from .esam import ESAM, esam_select
 from .family import GSAM, WSAM, FriendlySAM, LookSAM
 from .momentum_sam import MomentumSAM
@@ -14,7 +15,7 @@ from .sam import SAM
 from .sampa import SAMPa
 
 __all__ = [
-    "SAM", "SAMPa", "GSAM", "WSAM", "LookSAM", "FriendlySAM", "MomentumSAM", "ESAM", "esam_select",
+    "SAM", "SAMPa", "GSAM", "WSAM", "LookSAM", "FriendlySAM", "MomentumSAM", "ESAM", "esam_select", "BSAM",
     "disable_running_stats", "enable_running_stats", "frozen_running_stats", "ops",
     "registered_backends", "sharpness", "__version__",
 ]

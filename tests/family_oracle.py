@@ -189,3 +189,35 @@ def esam_trajectory(problem, base, steps, rho, beta, gamma, seed, swp="element",
         w = base.step(w, ga)
         out.append(w)
     return out
+
+
+def bsam_trajectory(problem, steps, lr, beta1, beta2, weight_decay, rho, damping, num_data,
+                    seed, s_init=1.0, official=False):
+    """bSAM, Moellenhoff & Khan ICLR 2023, Algorithm 1 (lines as we number them):
+    1. eps ~ N(0, sigma^2), sigma^2 = 1 / (N s);  2. g1 = grad L_B(w + eps);
+    3. e = rho g1 / s;  4. g = grad L_B(w + e);  5. m <- beta1 m + (1 - beta1)(g + delta w);
+    6. s <- beta2 s + (1 - beta2)(sqrt(s) |g1| + delta + gamma);  7. w <- w - alpha m / s,
+    with m = 0 and s = s_init at the start. ``official``: the authors' code
+    (team-approx-bayes/bayesian-sam, optim.py's build_bsam_optimizer, one sub-batch) takes
+    line 7 with the previous s, before line 6.
+
+    The standard normal draws are sam_fast.BSAM's (one CPU generator seeded with ``seed``;
+    per step one fp32 normal_ over all coordinates in parameter order)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = problem.initial()
+    m = [torch.zeros_like(x) for x in w]
+    s = [torch.full_like(x, s_init) for x in w]
+    out = []
+    for t in range(steps):
+        z = torch.empty(sum(x.numel() for x in w), dtype=torch.float32).normal_(generator=gen)
+        z = [zi.view(x.shape).double() for zi, x in zip(torch.split(z, [x.numel() for x in w]), w)]
+        noisy = [wi + zi * torch.sqrt(1.0 / (num_data * si)) for wi, zi, si in zip(w, z, s)]
+        g1 = problem.grad(noisy, t)
+        g = problem.grad([wi + rho * gi / si for wi, gi, si in zip(w, g1, s)], t)
+        m = [beta1 * mi + (1 - beta1) * (gi + weight_decay * wi) for mi, gi, wi in zip(m, g, w)]
+        s_new = [beta2 * si + (1 - beta2) * (torch.sqrt(si) * gi.abs() + weight_decay + damping)
+                 for si, gi in zip(s, g1)]
+        w = [wi - lr * mi / (so if official else sn) for wi, mi, so, sn in zip(w, m, s, s_new)]
+        s = s_new
+        out.append(w)
+    return out
