@@ -71,8 +71,8 @@ def test_float64_run_matches_the_oracle(variant):
     assert oracle.max_rel_diff(params_of(model), truth(variant == "official")) < 1e-10
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("variant, backend", [("paper", b) for b in BACKENDS] + [
+    ("official", "auto")])
 def test_float32_run_is_within_rounding_of_the_oracle(variant, backend):
     model = small_cnn(0)
     run(model, make(model, backend, variant=variant), batches(STEPS))
@@ -95,7 +95,7 @@ def test_pytorch_optimizers_bsam_is_another_algorithm():
     momentum averages weight_decay * g (not g + weight_decay w), and the precision averages
     (sqrt(s)|g| + weight_decay + damping)^2 with the second gradient g (not
     sqrt(s)|g1| + ... with the noisy one). With the noise made negligible in both (N = 1e15)
-    the two are far apart after 30 float64 steps (measured 0.9 relative); we follow the
+    the two are far apart after 30 float64 steps (measured 1.47 relative); we follow the
     paper (and offer the authors' order)."""
     po = pytest.importorskip("pytorch_optimizer")
     data = batches(STEPS, dtype=torch.float64)
@@ -351,8 +351,8 @@ def test_a_closure_that_raises_leaves_w():
 
 
 def task(seed):
-    """The 5-class task of test_esam.py (Gaussian blobs, noise 3.0, label-free noise),
-    256 training and 1024 test examples."""
+    """The 5-class task of test_esam.py (overlapping Gaussian blobs), 256 training and
+    1024 test examples."""
     from test_esam import task as esam_task
 
     return esam_task(seed)
@@ -385,13 +385,14 @@ BSAM_TRAIN = dict(lr=0.05, rho=0.01, weight_decay=1e-3)
 
 
 def test_it_trains():
-    """Measured, seeds 0/1/2, 90 steps of batch 32 (docs/family.md has the numbers): the
-    training loss falls to a small fraction of its initial value; the test accuracy is
-    plain SGD's (momentum 0.9, lr 0.05) within the seeds' noise. Bars: a quarter of the
+    """Measured, seeds 0/1/2, 90 steps of batch 32: the training loss falls from 1.63 /
+    1.68 / 1.86 to 0.010 / 0.009 / 0.013; test accuracy 0.968 / 0.967 / 0.932 against
+    plain SGD's (momentum 0.9, lr 0.02) 0.966 / 0.964 / 0.929. Bars: a quarter of the
     initial loss; the mean test accuracy at least SGD's minus two standard deviations of
     SGD's over the seeds. Not tuned to pass."""
-    sgd = [train(lambda m: torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9), s)
-           for s in range(3)]
+    from test_esam import sgd_runs
+
+    sgd = sgd_runs()  # plain SGD, momentum 0.9, lr 0.02
     ours = [train(lambda m: BSAM(m.parameters(), num_data=256, seed=s, **BSAM_TRAIN), s)
             for s in range(3)]
     for initial, final, _ in ours:
