@@ -97,6 +97,9 @@ class ESAM(SAM):
     state-dict order, every parameter whether it has a gradient or not); ``"tensor"`` one
     ``torch.rand`` of one fp64 number per parameter, on the CPU (no device sync). ``beta = 1`` draws nothing (SAM's step, plus SDS).
 
+    The first gradients are masked in place (``p.grad`` holds ``m * g`` after
+    :meth:`first_step`; SAM's step discards it anyway).
+
     ``gamma``: the fraction of the batch in the second pass (:meth:`select`). ``beta`` and
     ``gamma`` are the optimizer's (not per param group).
     """
@@ -237,7 +240,18 @@ class ESAM(SAM):
             pairs = [(p.grad, v) for p, v in zip(ps, views) if p.grad is not None]
             if pairs:
                 torch._foreach_mul_([g for g, _ in pairs], [v for _, v in pairs])
-        return super()._first_step(grad_scaler, sumsq)
+        # SAM's first step takes the norm given only when every gradient is there (it
+        # measures the present ones itself otherwise, which would be the masked norm): a
+        # parameter without one gets zeros for the call (e = 0), and None again after it,
+        # so that it is stepped only if the second pass gives it a gradient.
+        missing = [p for p, g in zip(self._params(), grads) if g is None]
+        for p in missing:
+            p.grad = torch.zeros_like(p)
+        try:
+            return super()._first_step(grad_scaler, sumsq)
+        finally:
+            for p in missing:
+                p.grad = None
 
     def select(self, loss_before: Tensor, loss_after: Tensor) -> Tensor:
         """SDS: :func:`esam_select` with this optimizer's ``gamma``."""

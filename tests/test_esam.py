@@ -232,6 +232,34 @@ def test_by_hand_protocol_is_step():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_element_norm_is_the_whole_gradients_with_a_parameter_without_gradient():
+    """swp="element" with an unused parameter: the perturbed coordinates move by
+    (rho / beta) g / (|g| + eps), |g| the norm of the whole first gradient (not of the
+    masked one), and the unused parameter neither moves nor is stepped."""
+    model = small_cnn(0, torch.float64)
+    unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    params = list(model.parameters()) + [unused]
+    opt = ESAM(params, torch.optim.SGD, rho=RHO, beta=BETA, seed=SEED, lr=0.05,
+               weight_decay=0.1, backend="torch")
+    x, y = batches(1, dtype=torch.float64)[0]
+    per_example(model(x), y).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    opt.first_step(zero_grad=True)
+    assert unused.grad is None and torch.equal(unused, torch.ones(3, dtype=torch.float64))
+    moved = 0
+    for p, b, g in zip(model.parameters(), before, grads):
+        e = p.detach() - b
+        on = e != 0
+        moved += int(on.sum())
+        torch.testing.assert_close(e[on], (RHO / BETA) * g[on] / (norm + 1e-12))
+    assert 0 < moved < sum(p.numel() for p in model.parameters())
+    per_example(model(x), y).mean().backward()
+    opt.second_step(zero_grad=True)
+    assert torch.equal(unused, torch.ones(3, dtype=torch.float64))
+
+
 def test_closure_calls():
     model = small_cnn(0)
     calls: list = []
