@@ -62,7 +62,7 @@ class BSAM(Optimizer):
         s <- beta2 s + (1 - beta2)(sqrt(s) |g1| + damping + weight_decay)
         w <- w - lr m / s                   third_step()
 
-    Usage (pytorch-optimizer's protocol; the closure zeroes nothing itself need not)::
+    Usage (pytorch-optimizer's protocol; the closure need not zero the gradients)::
 
         opt = BSAM(model.parameters(), num_data=len(train_set), lr=0.5, rho=0.05)
 

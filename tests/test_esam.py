@@ -26,8 +26,6 @@ STEPS = 30
 FP32_BAR = 2e-5
 RHO, BETA, GAMMA, SEED = 0.05, 0.5, 0.5, 0
 TRITON_REASON = dispatch.why_unavailable("triton", "cpu")
-BACKENDS = ["torch", "auto", pytest.param("triton", marks=pytest.mark.skipif(
-    TRITON_REASON is not None, reason=f"triton on CPU: {TRITON_REASON}"))]
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4),
             lambda: oracle.SGD64(0.05, 0.9, 0, 5e-4)),
@@ -84,7 +82,10 @@ def test_float64_run_matches_the_paper_oracle(base_name, swp):
 
 # Every backend with the default granularity; "tensor" (SAM's first step as it is, on the
 # ops the element runs already check) on one backend per base, to keep the file quick.
-F32_CASES = [(b, "element", be) for b in BASES for be in BACKENDS] + [
+NEEDS_TRITON = pytest.mark.skipif(TRITON_REASON is not None,
+                                  reason=f"triton on CPU: {TRITON_REASON}")
+F32_CASES = [pytest.param(b, "element", be, marks=NEEDS_TRITON if be == "triton" else ())
+             for b in BASES for be in ("torch", "auto", "triton")] + [
     ("sgd", "tensor", "torch"), ("adamw", "tensor", "auto")]
 
 
