@@ -123,3 +123,101 @@ def msam_trajectory(problem, base, steps, rho, direction):
         w = base.step(w, problem.grad(point, t))
         out.append(w)
     return out
+
+
+# -- ESAM and BSAM ---------------------------------------------------------------------------
+
+
+def _losses(problem, w, k, idx=None, grad=False):
+    """Per-example cross-entropy losses of batch ``k`` (its examples ``idx``) at ``w``, and
+    with ``grad`` the gradient of their mean (the model's batch statistics are those of the
+    examples passed, as in a forward pass over them)."""
+    from torch.func import functional_call
+
+    x, y = problem.batches[k]
+    if idx is not None:
+        x, y = x[idx], y[idx]
+    leaves = [t.detach().clone().requires_grad_(grad) for t in w]
+    with torch.set_grad_enabled(grad):
+        out = functional_call(problem.model, dict(zip(problem.names, leaves)), (x,))
+        losses = torch.nn.functional.cross_entropy(out, y, reduction="none")
+    if not grad:
+        return losses.detach(), None
+    return losses.detach(), [g.detach() for g in torch.autograd.grad(losses.mean(), leaves)]
+
+
+def esam_trajectory(problem, base, steps, rho, beta, gamma, seed, swp="element", eps=1e-12):
+    """ESAM, Du et al. ICLR 2022 (Section 3 and Algorithm 1).
+
+    SWP (Section 3.1): a mask ``m`` with Bernoulli(beta) entries, ``e = (rho / beta) m * g /
+    |g|``, ``g = grad L_B(w)``: ``swp="element"`` one entry per coordinate and ``|g|`` the
+    whole gradient's norm (the paper's mask over the weights); ``swp="tensor"`` one entry per
+    parameter tensor and ``|g|`` over the chosen tensors (the authors' utils/Esam.py, where
+    the others have no gradient). SDS (Section 3.2, the set B+ of its selection equation):
+    B+ the ``floor(gamma n)`` examples with the largest ``l(w + e) - l(w)``, and the update
+    is the base step with ``grad L_{B+}(w + e)``, the mean over B+ (the model run on B+).
+
+    The random numbers are drawn as sam_fast.ESAM draws them (one CPU generator seeded with
+    ``seed``; per step an fp32 ``bernoulli_(beta)`` over all coordinates in parameter order,
+    or one fp64 ``rand`` per tensor compared with beta), so that the masks are the same."""
+    gen = torch.Generator().manual_seed(seed)
+    w, out = problem.initial(), []
+    for t in range(steps):
+        before, g = _losses(problem, w, t, grad=True)
+        if beta < 1.0:
+            if swp == "element":
+                flat = torch.empty(sum(x.numel() for x in w), dtype=torch.float32)
+                flat = flat.bernoulli_(beta, generator=gen).double()
+                masks = list(torch.split(flat, [x.numel() for x in w]))
+                masks = [mi.view(x.shape) for mi, x in zip(masks, w)]
+                norm = _norm(g)
+            else:
+                keep = torch.rand(len(w), generator=gen, dtype=torch.float64) < beta
+                masks = [torch.full_like(x, float(k)) for x, k in zip(w, keep.tolist())]
+                norm = _norm([mi * gi for mi, gi in zip(masks, g)])
+            point = [wi + (rho / beta) * mi * gi / (norm + eps) for wi, mi, gi in zip(w, masks, g)]
+        else:
+            point = _ascent(w, g, rho, eps)
+        if gamma < 1.0:
+            after, _ = _losses(problem, point, t)
+            n = after.shape[0]
+            k = max(1, int(gamma * n + 1e-9))
+            idx = torch.sort(torch.topk(after - before, k).indices).values
+            _, ga = _losses(problem, point, t, idx, grad=True)
+        else:
+            _, ga = _losses(problem, point, t, grad=True)
+        w = base.step(w, ga)
+        out.append(w)
+    return out
+
+
+def bsam_trajectory(problem, steps, lr, beta1, beta2, weight_decay, rho, damping, num_data,
+                    seed, s_init=1.0, official=False):
+    """bSAM, Moellenhoff & Khan ICLR 2023, Algorithm 1 (lines as we number them):
+    1. eps ~ N(0, sigma^2), sigma^2 = 1 / (N s);  2. g1 = grad L_B(w + eps);
+    3. e = rho g1 / s;  4. g = grad L_B(w + e);  5. m <- beta1 m + (1 - beta1)(g + delta w);
+    6. s <- beta2 s + (1 - beta2)(sqrt(s) |g1| + delta + gamma);  7. w <- w - alpha m / s,
+    with m = 0 and s = s_init at the start. ``official``: the authors' code
+    (team-approx-bayes/bayesian-sam, optim.py's build_bsam_optimizer, one sub-batch) takes
+    line 7 with the previous s, before line 6.
+
+    The standard normal draws are sam_fast.BSAM's (one CPU generator seeded with ``seed``;
+    per step one fp32 normal_ over all coordinates in parameter order)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = problem.initial()
+    m = [torch.zeros_like(x) for x in w]
+    s = [torch.full_like(x, s_init) for x in w]
+    out = []
+    for t in range(steps):
+        z = torch.empty(sum(x.numel() for x in w), dtype=torch.float32).normal_(generator=gen)
+        z = [zi.view(x.shape).double() for zi, x in zip(torch.split(z, [x.numel() for x in w]), w)]
+        noisy = [wi + zi * torch.sqrt(1.0 / (num_data * si)) for wi, zi, si in zip(w, z, s)]
+        g1 = problem.grad(noisy, t)
+        g = problem.grad([wi + rho * gi / si for wi, gi, si in zip(w, g1, s)], t)
+        m = [beta1 * mi + (1 - beta1) * (gi + weight_decay * wi) for mi, gi, wi in zip(m, g, w)]
+        s_new = [beta2 * si + (1 - beta2) * (torch.sqrt(si) * gi.abs() + weight_decay + damping)
+                 for si, gi in zip(s, g1)]
+        w = [wi - lr * mi / (so if official else sn) for wi, mi, so, sn in zip(w, m, s, s_new)]
+        s = s_new
+        out.append(w)
+    return out
