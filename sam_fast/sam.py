@@ -200,7 +200,8 @@ class SAM(SharpnessOptimizer):
                 plan.check_grads(gs, b.params)
             masks = [None if len(f) == len(gs) else f for f, gs in zip(found, grads)]
             grads = [gs if m is None else [gs[i] for i in m] for gs, m in zip(grads, masks)]
-            sumsq = self._partial_sumsq(current, grads, masks)
+            sumsq = sumsq_hint if sumsq_hint is not None else self._partial_sumsq(
+                current, grads, masks)
         state.sumsq, state.norm = sumsq, None
         done: list[int] = []
         try:

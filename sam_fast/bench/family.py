@@ -13,7 +13,9 @@ ratio is the median over rounds of theirs over ours.
 End to end: the models of :mod:`sam_fast.bench.e2e`; each variant's step (``k`` steps for
 LookSAM and SAM every ``k`` steps) right after as many SGD steps on a copy of the model, the
 ratio the median of those pairs. Two forward/backward passes make about 2.0 the floor of a
-SAM step; Momentum-SAM takes one, and the variants every 5 steps six in five steps (1.2).
+SAM step (and of BSAM's); Momentum-SAM takes one, the variants every 5 steps six in five
+steps (1.2); ESAM three forward passes and two backward, the second on half the batch.
+ESAM is measured end to end only: its step backpropagates the per-example losses itself.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ class Variant:
     """One family member: how to build ours and how a step is driven.
 
     ``protocol``: ``two`` (backward, first_step, backward, second_step), ``closure``
-    (backward, ``step(closure)``: one pass on the plain steps) or ``one`` (``step(closure)``
-    alone: Momentum-SAM). ``steps``: steps per timed round."""
+    (backward, ``step(closure)``: one pass on the plain steps), ``one`` (``step(closure)``
+    alone: Momentum-SAM, BSAM) or ``esam`` (``step(closure)`` with per-example losses).
+    ``steps``: steps per timed round."""
 
     name: str
     title: str
@@ -50,6 +53,7 @@ class Variant:
     # The contender on the host share: (its name, factory(module) -> make, its protocol);
     # the factory gets pytorch_optimizer's module (None when it is not installed).
     rival: tuple[str, Callable[[Any], Make | None], str] | None = None
+    host: bool = True  # measured on the host share (tiny tensors, gradients attached)
 
 
 def _po(build: Callable[[Any, list[nn.Parameter]], Any]) -> Callable[[Any], Make | None]:
@@ -95,6 +99,20 @@ def variants() -> list[Variant]:
         Variant("momentum_sam", "Momentum-SAM",
                 lambda ps: sf.MomentumSAM(ps, sgd, rho=0.3, **SGD_KW), "one",
                 rival=_sgd_step()),
+        # Its step takes per-example losses and backpropagates them itself: end to end only
+        # (no rival has it).
+        Variant("esam", "ESAM", lambda ps: sf.ESAM(ps, sgd, rho=0.05, beta=0.5, gamma=0.5,
+                                                  seed=0, **SGD_KW), "esam", host=False),
+        # pytorch-optimizer's BSAM computes another update (docs/family.md) with the same
+        # three passes: its host share is the comparison that exists. Its foreach path
+        # fails here (4.1: "Tensor list must have same number of elements as scalar list"),
+        # so its per-parameter loop runs.
+        # Both driven as "closure" (gradients there before step): pytorch-optimizer's
+        # first_step makes its state only for parameters that already have a gradient.
+        Variant("bsam", "BSAM", lambda ps: sf.BSAM(ps, num_data=50_000, lr=0.5, rho=0.05,
+                                                  seed=0), "closure",
+                rival=("pytorch_optimizer", _po(lambda po, ps: po.BSAM(
+                    ps, num_data=50_000, lr=0.5, rho=0.05, foreach=False)), "closure")),
     ]
 
 
@@ -192,7 +210,7 @@ def measure_family_host(device: torch.device, budget: Budget, timer: Timer,
     grads = [torch.randn(HOST_NUMEL, generator=gen).to(device) for _ in range(n)]
     rows: list[FamilyHostRow] = []
     for v in variants():
-        if names is not None and v.name not in names:
+        if not v.host or (names is not None and v.name not in names):
             continue
         status(f"family host {v.name}")
         makers: list[tuple[str, Make, str]] = [("sam_fast", v.ours, v.protocol)]
@@ -249,12 +267,32 @@ def _e2e_step(opt: Any, model: nn.Module, batch: Any, loss_fn: Callable, protoco
         opt.step(closure)
         opt.zero_grad(set_to_none=True)
 
-    step = {"two": two, "closure": with_closure, "one": one}[protocol]
+    def esam() -> None:
+        opt.step(lambda idx=None: per_example(model, batch, idx))
+
+    per_example = _per_example_loss(loss_fn)
+    step = {"two": two, "closure": with_closure, "one": one, "esam": esam}[protocol]
 
     def several() -> None:
         for _ in range(steps):
             step()
     return several
+
+
+def _per_example_loss(loss_fn: Callable) -> Callable:
+    """ESAM's closure: the per-example losses of the batch (or of its examples ``idx``),
+    cross-entropy as the e2e models' mean loss (a sequence's mean over its tokens)."""
+    import torch.nn.functional as F
+
+    def losses(model: nn.Module, batch: Any, idx: Tensor | None) -> Tensor:
+        x, y = batch if idx is None else (batch[0][idx], batch[1][idx])
+        out = model(x)
+        if out.dim() == 2:  # images: logits per example
+            return F.cross_entropy(out, y, reduction="none")
+        per_token = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
+                                    reduction="none")
+        return per_token.view(y.shape).mean(1)
+    return losses
 
 
 def _sgd_run(model: nn.Module, batch: Any, loss_fn: Callable, steps: int) -> Callable[[], None]:

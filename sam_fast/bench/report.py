@@ -390,8 +390,9 @@ FAMILY_EXPLANATION = (
     "\"rival / ours\": pytorch-optimizer's (torch.optim.SGD's step for the variants that "
     "replace it) over ours, the median over interleaved rounds. End to end: the variant's "
     "steps over as many SGD steps timed right before them on a copy of the model (median of "
-    "the pairs): two passes make about 2.0 a SAM step's floor, Momentum-SAM takes one pass "
-    "(1.0), the variants every 5 steps six passes in five steps (1.2).")
+    "the pairs): two passes make about 2.0 a SAM step's floor (BSAM's too), Momentum-SAM "
+    "takes one pass (1.0), the variants every 5 steps six passes in five steps (1.2), ESAM "
+    "(beta = gamma = 0.5) three forward passes and two backward, one on half the batch.")
 
 
 def family_tables(family: dict[str, Any], markdown: bool = False) -> str:
