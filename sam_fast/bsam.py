@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import bsam_ops, dispatch, ops
+from . import bsam_ops, dispatch, distributed, ops
 from .family import _finite_float
 from .wrapper import BACKENDS, _eager
 
@@ -146,6 +146,7 @@ class BSAM(Optimizer):
         _check_group(defaults)
         self.s_init = _finite_float(s_init, "s_init", 0.0, lo_open=True)
         super().__init__(params, defaults)
+        distributed.refuse_sharded((p for g in self.param_groups for p in g["params"]), "BSAM")
         for group in self.param_groups:
             _check_group(group)
             for p in group["params"]:

@@ -36,6 +36,17 @@ def locals_of(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
     return None if tensors is None else [local(t) for t in tensors]
 
 
+def refuse_sharded(params: Iterable[Tensor], who: str) -> None:
+    """For optimizers that draw random numbers per element (ESAM's subset, BSAM's noise):
+    on shards they would need each shard's slice of the whole tensor's draw, which is not
+    built yet. Raised at construction, before anything is touched."""
+    if any(map(is_dtensor, params)):
+        raise NotImplementedError(
+            f"{who} does not take FSDP2's sharded (DTensor) parameters yet: its random draw "
+            "per element is not sliced per shard. DistributedDataParallel works (the same "
+            "seed on every rank draws the same numbers)")
+
+
 def shard_groups(t: Tensor) -> list:
     """The process groups over which a DTensor's local shards differ (its Shard mesh dims).
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import ops
+from . import distributed, ops
 from .family import _finite_float
 from .sam import SAM
 from .wrapper import _eager, check_group_options
@@ -136,6 +136,7 @@ class ESAM(SAM):
                 raise ValueError("swp='tensor' draws on the host: its generator must be a CPU "
                                  f"torch.Generator (got one on {generator.device})")
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        distributed.refuse_sharded((p for g in self.param_groups for p in g["params"]), "ESAM")
         self.swp = swp
         if generator is None and seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())

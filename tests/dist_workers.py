@@ -154,7 +154,7 @@ def ddp_failure(rank, world):
 # name -> (optimizer factory over params, whether its step takes the first pass itself);
 # the SAM family under DDP (global ascent) and FSDP2, each against one process.
 def _family_cases():
-    from sam_fast import GSAM, WSAM, FriendlySAM, LookSAM, MomentumSAM
+    from sam_fast import BSAM, ESAM, GSAM, WSAM, FriendlySAM, LookSAM, MomentumSAM
 
     sgd = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     return {
@@ -166,9 +166,16 @@ def _family_cases():
                                             lmbda=0.9, lr=1e-3, weight_decay=1e-2), False),
         "interval": (lambda ps: SAM(ps, torch.optim.SGD, rho=0.1, interval=2, **sgd), False),
         "msam": (lambda ps: MomentumSAM(ps, torch.optim.SGD, rho=0.3, **sgd), True),
+        # The same seed on every rank: the same random subset (ESAM), the same noise (BSAM).
+        "esam": (lambda ps: ESAM(ps, torch.optim.SGD, rho=0.1, beta=0.5, seed=0, **sgd),
+                 "esam"),
+        "bsam": (lambda ps: BSAM(ps, num_data=64, lr=0.05, rho=0.01, weight_decay=1e-3,
+                                 seed=0), True),
     }
 
 
+# Their random draw per element is not sliced per shard yet: FSDP2 refuses them.
+UNSHARDED = ("esam", "bsam")
 FAMILY_STEPS = 5  # LookSAM and SAM every 2 steps: three SAM steps and two plain ones
 
 
@@ -183,6 +190,9 @@ def family_steps(model, opt, data, one_pass, rank=0, world=1):
             loss.backward()
             return loss
 
+        if one_pass == "esam":  # its closure returns the loss; ESAM backpropagates it
+            opt.step(lambda idx=None, mine=mine: loss_of(model, mine))
+            continue
         if not one_pass:
             loss_of(model, mine).backward()
         opt.step(closure)
@@ -214,6 +224,13 @@ def family_fsdp2(rank, world):
             if any(True for _ in layer.parameters()):
                 fully_shard(layer)
         fully_shard(model)
+        if name in UNSHARDED:  # refused at construction, with why
+            try:
+                make(model.parameters())
+                out[name] = "built"
+            except NotImplementedError as exc:
+                out[name] = str(exc)
+            continue
         opt = make(model.parameters())
         family_steps(model, opt, data, one_pass, rank, world)
         out[name] = [p.full_tensor().detach().clone() for p in model.parameters()]

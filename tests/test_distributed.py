@@ -20,7 +20,8 @@ import torch
 
 import oracle
 from conftest import params_of, run_sam
-from dist_workers import FAMILY_STEPS, FSDP_CASES, STEPS, _family_cases, _shard, family_steps
+from dist_workers import (FAMILY_STEPS, FSDP_CASES, STEPS, UNSHARDED, _family_cases, _shard,
+                          family_steps)
 from models import batches, loss_of, small_convnet
 from sam_fast import SAM
 
@@ -175,6 +176,9 @@ def test_family_data_parallel_equals_one_process(tmp_path, single_thread, scenar
     for name, w in want.items():
         assert oracle.max_rel_diff(w, start) > 1e-4, name  # it moved, so the check can fail
         for r in results:
+            if scenario == "family_fsdp2" and name in UNSHARDED:
+                assert "does not take FSDP2's sharded (DTensor) parameters" in r[name]
+                continue
             assert oracle.max_rel_diff(r[name], w) < 1e-12, name
 
 

@@ -56,8 +56,13 @@ VARIANTS = {
     "Friendly-SAM": lambda ps: sf.FriendlySAM(ps, torch.optim.SGD, rho=0.05, **SGD_KW),
     "LookSAM k=5": lambda ps: sf.LookSAM(ps, torch.optim.SGD, rho=0.05, k=5, **SGD_KW),
     "Momentum-SAM": lambda ps: sf.MomentumSAM(ps, torch.optim.SGD, rho=0.3, **SGD_KW),
+    "ESAM": lambda ps: sf.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, seed=0,
+                               **SGD_KW),
+    # its own update (no base optimizer): the hyperparameters of tests/test_bsam.py
+    "BSAM": lambda ps: sf.BSAM(ps, num_data=256, lr=0.05, rho=0.01, weight_decay=1e-3,
+                               seed=0),
 }
-ONE_PASS = {"Momentum-SAM"}
+ONE_PASS = {"Momentum-SAM", "BSAM"}  # step(closure) takes every pass
 
 
 def _train(name: str | None, seed: int) -> tuple[float, float]:
@@ -85,6 +90,11 @@ def _train(name: str | None, seed: int) -> tuple[float, float]:
                 opt.zero_grad()
                 closure()
                 opt.step()
+                continue
+            if name == "ESAM":  # per-example losses; ESAM backpropagates them itself
+                opt.step(lambda idx=None, x=x, y=y: loss_fn(
+                    model(x if idx is None else x[idx]), y if idx is None else y[idx],
+                    reduction="none"))
                 continue
             if name not in ONE_PASS:
                 closure()
