@@ -617,3 +617,12 @@ def test_family_e2e_smoke_run():
     assert {r.variant: r.steps for r in rows}["looksam_k5"] == 5
     text = report.family_e2e_table({"e2e": [dataclasses.asdict(r) for r in rows]})
     assert "ratio to SGD" in text and "momentum_sam" in text
+
+
+def test_family_only_settings(capsys):
+    settings, _ = cli.parse_settings(["--device", "cpu", "--family-only"])
+    assert settings.family_only and settings.family
+    assert not (settings.micro or settings.e2e or settings.host)
+    with pytest.raises(SystemExit):
+        cli.parse_settings(["--device", "cpu", "--family-only", "--no-family"])
+    assert "exclude each other" in capsys.readouterr().err

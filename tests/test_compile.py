@@ -57,7 +57,7 @@ def test_compiled_step_equals_eager(backend, compiler, step):
 
 
 def _family_cases():
-    from sam_fast import GSAM, WSAM, FriendlySAM, LookSAM, MomentumSAM
+    from sam_fast import BSAM, ESAM, GSAM, WSAM, FriendlySAM, LookSAM, MomentumSAM
 
     return {
         "gsam": lambda ps, b: GSAM(ps, torch.optim.SGD, lr=0.05, momentum=0.9, backend=b),
@@ -67,6 +67,9 @@ def _family_cases():
         "interval": lambda ps, b: SAM(ps, torch.optim.SGD, interval=2, lr=0.05, backend=b),
         "msam": lambda ps, b: MomentumSAM(ps, torch.optim.SGD, lr=0.05, momentum=0.9,
                                           backend=b),
+        "esam": lambda ps, b: ESAM(ps, torch.optim.SGD, beta=0.5, gamma=0.5, seed=0, lr=0.05,
+                                   backend=b),
+        "bsam": lambda ps, b: BSAM(ps, num_data=64, lr=0.05, rho=0.01, seed=0, backend=b),
     }
 
 
@@ -74,6 +77,12 @@ def _msam_step(model, opt, batch):
     loss = opt.step(make_closure(model, batch))
     opt.zero_grad(set_to_none=True)
     return loss
+
+
+def _esam_step(model, opt, batch):
+    x, y = batch
+    return opt.step(lambda idx=None: torch.nn.functional.cross_entropy(
+        model(x if idx is None else x[idx]), y if idx is None else y[idx], reduction="none"))
 
 
 # The optimizer runs eagerly inside the compiled step whatever its backend: every variant
@@ -88,7 +97,7 @@ def test_compiled_family_step_equals_eager(backend, name):
     inside a compiled training step: the optimizer runs eagerly, so bit for bit."""
     torch._dynamo.reset()
     data = batches(4)
-    step = _msam_step if name == "msam" else _closure_step
+    step = {"msam": _msam_step, "bsam": _msam_step, "esam": _esam_step}.get(name, _closure_step)
     runs = []
     for compiled in (False, True):
         model = small_convnet(0)

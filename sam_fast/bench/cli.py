@@ -107,6 +107,7 @@ class Settings:
     seed: int
     model: bool = True
     family: bool = True
+    family_only: bool = False
 
 
 def _split(values: Sequence[str] | None) -> list[str]:
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = p.add_mutually_exclusive_group()
     e2e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training steps")
     e2e.add_argument("--e2e-only", action="store_true", help="only the end-to-end training steps")
+    e2e.add_argument("--family-only", action="store_true",
+                     help="only the SAM family's part (its host share and its training steps "
+                          "against SGD's)")
     e2e.add_argument("--host-only", action="store_true",
                      help="only the host cost of a step (tiny tensors; on a GPU also the "
                           "real shapes' host and device time), far quicker than the rest")
@@ -275,12 +279,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, list[st
     settings = Settings(device=device, presets=presets, dtypes=dtypes, contenders=contenders,
                         backends=backends, compile=args.compile,
                         compile_budget=args.compile_budget, tasks=tasks,
-                        micro=not (args.e2e_only or args.host_only),
-                        e2e=not (args.no_e2e or args.host_only),
-                        host=not (args.e2e_only or args.no_host), budget=budget,
+                        micro=not (args.e2e_only or args.host_only or args.family_only),
+                        e2e=not (args.no_e2e or args.host_only or args.family_only),
+                        host=not (args.e2e_only or args.no_host or args.family_only),
+                        budget=budget,
                         host_budget=host_budget, out=args.out,
                         progress=not args.no_progress, seed=args.seed,
-                        model=not args.no_model, family=not args.no_family)
+                        model=not args.no_model, family=not args.no_family,
+                        family_only=args.family_only)
+    if args.family_only and args.no_family:
+        parser.error("--family-only and --no-family exclude each other")
     if args.list:
         print(list_everything(device))
         raise SystemExit(0)
@@ -344,7 +352,7 @@ def run(settings: Settings, notes: list[str]) -> dict:
     cells = [(p, d) for p in settings.presets for d in settings.dtypes] if settings.micro else []
     host_kinds = [False, True] if device.type == "cuda" else [False]
     host_steps = len(settings.presets) * len(host_kinds) if settings.host else 0
-    family = settings.family and (settings.host or settings.e2e)
+    family = settings.family and (settings.host or settings.e2e or settings.family_only)
     progress = Progress(len(cells) + 2 * settings.e2e + host_steps
                         + (settings.micro or settings.e2e) + family,
                         enabled=settings.progress)
@@ -423,10 +431,11 @@ def run(settings: Settings, notes: list[str]) -> dict:
             from .family import run_family
 
             progress.label("SAM family")
+            whole = settings.family_only
             payload["family"] = run_family(
-                device, settings.host_budget if settings.host else None,
-                settings.budget if settings.e2e else None, timer, status=progress.status,
-                seed=settings.seed).to_json()
+                device, settings.host_budget if settings.host or whole else None,
+                settings.budget if settings.e2e or whole else None, timer,
+                status=progress.status, seed=settings.seed).to_json()
             progress.advance()
     except KeyboardInterrupt:
         notes.append("interrupted: partial results")
