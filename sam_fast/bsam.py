@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import bsam_ops, dispatch, distributed, ops
-from .family import _finite_float
+from .family import _check_rng, _finite_float
 from .wrapper import BACKENDS, _eager
 
 __all__ = ["BSAM"]
@@ -135,13 +135,7 @@ class BSAM(Optimizer):
             raise ValueError(f"Invalid variant: {variant!r} (must be 'paper' or 'official')")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"Invalid seed: {seed!r} (must be an int)")
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
-            if seed is not None:
-                raise TypeError("pass seed= or generator=, not both")
+        _check_rng(seed, generator)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, rho=rho, damping=damping)
         _check_group(defaults)
         self.s_init = _finite_float(s_init, "s_init", 0.0, lo_open=True)

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import distributed, ops
-from .family import _finite_float
+from .family import _check_rng, _finite_float
 from .sam import SAM
 from .wrapper import _eager, check_group_options
 
@@ -125,16 +125,10 @@ class ESAM(SAM):
         self.gamma = _finite_float(gamma, "gamma", 0.0, 1.0, lo_open=True)
         if swp not in _SWP:
             raise ValueError(f"Invalid swp: {swp!r} (must be 'element' or 'tensor')")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"Invalid seed: {seed!r} (must be an int)")
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
-            if seed is not None:
-                raise TypeError("pass seed= or generator=, not both")
-            if swp == "tensor" and generator.device.type != "cpu":
-                raise ValueError("swp='tensor' draws on the host: its generator must be a CPU "
-                                 f"torch.Generator (got one on {generator.device})")
+        _check_rng(seed, generator)
+        if generator is not None and swp == "tensor" and generator.device.type != "cpu":
+            raise ValueError("swp='tensor' draws on the host: its generator must be a CPU "
+                             f"torch.Generator (got one on {generator.device})")
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         distributed.refuse_sharded((p for g in self.param_groups for p in g["params"]), "ESAM")
         self.swp = swp

@@ -46,6 +46,18 @@ def _finite_float(value: Any, name: str, lo: float | None = None, hi: float | No
     return value
 
 
+def _check_rng(seed: Any, generator: Any) -> None:
+    """The random-draw options of ESAM and BSAM: an int ``seed`` or a ``torch.Generator``,
+    not both."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"Invalid seed: {seed!r} (must be an int)")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
+        if seed is not None:
+            raise TypeError("pass seed= or generator=, not both")
+
+
 def _alias(kwargs: dict[str, Any], ours: str, theirs: str, value: Any, default: Any) -> Any:
     """``ours=`` or ``pytorch-optimizer``'s ``theirs=`` (not both)."""
     if theirs in kwargs:
