@@ -547,3 +547,9 @@ from . import triton_family as _family  # noqa: E402  (it reads this module's he
 
 OPS.update(_family.OPS)
 dispatch.register_backend("triton", OPS, unavailable_reason=unavailable_reason)
+
+# -- BSAM's ops: kernels/bsam.py, launched by .triton_bsam (fp32 groups; the others: the spec) --
+from . import triton_bsam as _bsam  # noqa: E402  (it reads this module's helpers)
+
+OPS.update(_bsam.OPS)
+dispatch.register_backend("triton", OPS, unavailable_reason=unavailable_reason)

@@ -1,9 +1,15 @@
-"""The ``triton`` implementations of BSAM's ops (kernels/bsam.py), routed by
-:func:`sam_fast.bsam_ops.impl`. Same contract as :mod:`.triton_family`: each function takes
-one (device, dtype) group with the signature and meaning of its namesake in
-:mod:`sam_fast.bsam_ops`; groups that are not fp32 (the fp32 noise would not share their
-element type), and positions the kernels cannot address as one dense run, go to the torch
-specification."""
+"""The ``triton`` implementations of BSAM's ops (kernels/bsam.py), registered in the
+``triton`` backend's table (:mod:`.triton_backend`). Same contract as :mod:`.triton_family`:
+each function takes one (device, dtype) group with the signature and meaning of its
+namesake in :mod:`sam_fast.backends.torch_bsam`.
+
+The kernels serve fp32 groups. Groups of any other dtype go to the torch specification,
+by design and not as a fallback from a failure: fp64 needs fp64 math, which the kernels'
+fp32 arithmetic is not; fp16 and bf16 would need the noise list in another element type
+than the other lists (the kernels take one ``DT``). On a GPU the ``cuda`` backend's
+compiled kernels serve every dtype. Positions the kernels cannot
+address as one dense run go to the specification too, as in every Triton op.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import torch_bsam
 from . import triton_backend as tb
 from .torch_ops import TensorList
 
@@ -21,14 +28,8 @@ if tb.kernels is not None:
     kernels = importlib.import_module(tb.kernels.__name__ + ".bsam")
 
 
-def available() -> bool:
-    return kernels is not None
-
-
 def _spec(name: str) -> Callable:
-    from .. import bsam_ops
-
-    return bsam_ops.SPEC[name]
+    return torch_bsam.OPS[name]
 
 
 def _flag(t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -39,6 +40,7 @@ def _flag(t: Tensor | None, device: torch.device) -> Tensor | None:
 
 
 def _served(lists: list[TensorList]) -> tuple[Any, Any] | None:
+    """The plan of an fp32 group, None for any other dtype (the specification's)."""
     if lists[0][0].dtype != torch.float32:
         return None
     return tb._plan(lists)
