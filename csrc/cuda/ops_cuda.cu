@@ -1113,6 +1113,12 @@ at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, doubl
 // Not on elementwise_body, whose lists share one element type: the same
 // scheme, with z loaded as fp32 (kSize of them where w's vector has kSize).
 
+// Checked before any early return, as on the CPU: a group of only empty
+// tensors of another dtype is refused too.
+void check_bsam_dtype(at::ScalarType dtype, const char* op) {
+  dispatch_family(dtype, op, [](auto) {});
+}
+
 template <int N>
 struct alignas(4 * N) FloatVec {
   float v[N];
@@ -1194,7 +1200,7 @@ void bsam_noise_(at::TensorList params, at::TensorList backups, at::TensorList n
                    {"noise", noise, true, false, at::kFloat},
                    {"s", s, true, false}},
                   "bsam_noise_");
-  dispatch_family(lists.dtype(), "bsam_noise_", [](auto) {});
+  check_bsam_dtype(lists.dtype(), "bsam_noise_");
   if (lists.empty()) return;
   const c10::cuda::CUDAGuard guard(lists.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -1304,7 +1310,7 @@ void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList 
                    {"s", s, true, false},
                    {"gs", gs, false, true}},
                   "bsam_ascent_");
-  dispatch_family(lists.dtype(), "bsam_ascent_", [](auto) {});
+  check_bsam_dtype(lists.dtype(), "bsam_ascent_");
   if (lists.empty()) return;
   const c10::cuda::CUDAGuard guard(lists.device());
   const BsamDeviceScalars scalars(grad_scale, skip, lists.device(),
@@ -1370,7 +1376,7 @@ void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList 
                    {"s", s, true, true},
                    {"gs", gs, true, false}},
                   "bsam_update_");
-  dispatch_family(lists.dtype(), "bsam_update_", [](auto) {});
+  check_bsam_dtype(lists.dtype(), "bsam_update_");
   if (lists.empty()) return;
   const c10::cuda::CUDAGuard guard(lists.device());
   const BsamDeviceScalars scalars(grad_scale, skip, lists.device(),
