@@ -29,9 +29,9 @@ composite one, and the Autograd / ADInplaceOrView kernels of the other ops.
 Each backend's implementation is found through :mod:`sam_fast.dispatch`
 (:data:`~sam_fast.dispatch.BSAM_OP_NAMES`; :func:`impl`): ``torch`` (the specification),
 ``cpp`` and ``cuda`` (the compiled kernels, through ``torch.ops.sam_fast``, every storage
-dtype), ``triton`` (kernels/bsam.py for fp32 groups; fp16, bf16 and fp64 groups, and
-positions its kernels cannot address as one dense run, go to the specification, by
-design: see :mod:`sam_fast.backends.triton_bsam`).
+dtype), ``triton`` (kernels/bsam.py for fp32, fp16 and bf16 groups in fp32 math; fp64
+groups, and positions its kernels cannot address as one dense run, go to the
+specification, by design: see :mod:`sam_fast.backends.triton_bsam`).
 """
 
 from __future__ import annotations

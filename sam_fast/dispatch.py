@@ -39,7 +39,7 @@ FAMILY_OP_NAMES = (
 )
 
 # BSAM's three ops (docs/family.md): schemas in sam_fast/bsam_ops.py, the specification in
-# sam_fast/backends/torch_bsam.py, Triton kernels in kernels/bsam.py (fp32 groups), C++ CPU
+# sam_fast/backends/torch_bsam.py, Triton kernels in kernels/bsam.py (fp64: the spec), C++ CPU
 # and CUDA kernels in csrc/ (cpu/ops_cpu.cpp, cuda/ops_cuda.cu, bsam.h).
 BSAM_OP_NAMES = (
     "bsam_noise_",

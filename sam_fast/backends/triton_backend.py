@@ -127,15 +127,17 @@ def _delegated(t: Tensor) -> bool:
     return t.dtype not in _TL_DTYPE
 
 
-def _plan(lists: Sequence[TensorList], n_elementwise: int | None = None) -> Any:
+def _plan(lists: Sequence[TensorList], n_elementwise: int | None = None,
+          list_dtypes: tuple[torch.dtype | None, ...] | None = None) -> Any:
     """``(plan, table)`` for these operand lists (``kernels.tables.TableCache.table``):
-    which positions the kernels serve, and the block map and address rows they read.
+    which positions the kernels serve, and the block map and address rows they read
+    (``list_dtypes``: a list whose operands are not the group's dtype, by position).
 
     Cached by sizes and layouts (the plan, the block map) and by each list's
     addresses (its row), so that re-allocated gradients cost one small upload.
     """
     assert kernels is not None
-    return CACHE.table(lists, n_elementwise)
+    return CACHE.table(lists, n_elementwise, list_dtypes)
 
 
 def _pick(lst: TensorList, idx: Sequence[int]) -> list[Tensor]:

@@ -3,12 +3,12 @@
 each function takes one (device, dtype) group with the signature and meaning of its
 namesake in :mod:`sam_fast.backends.torch_bsam`.
 
-The kernels serve fp32 groups. Groups of any other dtype go to the torch specification,
-by design and not as a fallback from a failure: fp64 needs fp64 math, which the kernels'
-fp32 arithmetic is not; fp16 and bf16 would need the noise list in another element type
-than the other lists (the kernels take one ``DT``). On a GPU the ``cuda`` backend's
-compiled kernels serve every dtype. Positions the kernels cannot
-address as one dense run go to the specification too, as in every Triton op.
+The kernels serve fp32, fp16 and bf16 groups (math in fp32, the noise fp32 whatever the
+group's dtype). fp64 groups go to the torch specification, by design and not as a
+fallback from a failure: fp64 needs fp64 math, which the kernels' fp32 arithmetic is not
+(on a GPU the ``cuda`` backend's compiled kernels serve fp64 in fp64). Positions the
+kernels cannot address as one dense run go to the specification too, as in every Triton
+op.
 """
 
 from __future__ import annotations
@@ -39,11 +39,16 @@ def _flag(t: Tensor | None, device: torch.device) -> Tensor | None:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
-def _served(lists: list[TensorList]) -> tuple[Any, Any] | None:
-    """The plan of an fp32 group, None for any other dtype (the specification's)."""
-    if lists[0][0].dtype != torch.float32:
+def _served(lists: list[TensorList], list_dtypes: tuple | None = None
+            ) -> tuple[Any, Any] | None:
+    """The plan of an fp32, fp16 or bf16 group, None for fp64 (the specification's)."""
+    if tb._delegated(lists[0][0]):
         return None
-    return tb._plan(lists)
+    return tb._plan(lists, list_dtypes=list_dtypes)
+
+
+# bsam_noise_'s operands (w, backup, z, s): z is the fp32 draw whatever the group's dtype.
+_NOISE_DTYPES = (None, None, torch.float32, None)
 
 
 def bsam_noise_(params: TensorList, backups: TensorList, noise: TensorList, s: TensorList,
@@ -51,7 +56,7 @@ def bsam_noise_(params: TensorList, backups: TensorList, noise: TensorList, s: T
     if len(params) == 0:
         return
     lists = [params, backups, noise, s]
-    served = _served(lists)
+    served = _served(lists, _NOISE_DTYPES)
     if served is None:
         return _spec("bsam_noise_")(params, backups, noise, s, num_data)
     plan, table = served
