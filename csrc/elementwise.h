@@ -117,6 +117,8 @@ SAMF_HD float rn_add(float a, float b) { SAMF_RN(__fadd_rn(a, b), a + b); }
 SAMF_HD double rn_add(double a, double b) { SAMF_RN(__dadd_rn(a, b), a + b); }
 SAMF_HD float rn_mul(float a, float b) { SAMF_RN(__fmul_rn(a, b), a * b); }
 SAMF_HD double rn_mul(double a, double b) { SAMF_RN(__dmul_rn(a, b), a * b); }
+SAMF_HD float rn_div(float a, float b) { SAMF_RN(__fdiv_rn(a, b), a / b); }
+SAMF_HD double rn_div(double a, double b) { SAMF_RN(__ddiv_rn(a, b), a / b); }
 SAMF_HD float rn_rcp(float x) { SAMF_RN(__frcp_rn(x), 1.0f / x); }
 SAMF_HD double rn_rcp(double x) { SAMF_RN(__drcp_rn(x), 1.0 / x); }
 SAMF_HD bool is_finite(float x) { SAMF_RN(isfinite(x), std::isfinite(x)); }

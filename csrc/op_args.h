@@ -24,12 +24,14 @@ namespace sam_fast {
 
 // One aligned tensor list of an op: its name (for messages), whether the
 // kernel reads and/or writes it, and whether it may be empty (an absent
-// optional list, e.g. momentum buffers when momentum == 0).
+// optional list, e.g. momentum buffers when momentum == 0), and its dtype
+// when that is not the group's (the first list's): BSAM's fp32 noise.
 struct ListSpec {
   const char* name;
   at::TensorList tensors;
   bool read;
   bool written;
+  at::ScalarType dtype = at::ScalarType::Undefined;  // Undefined: the group's dtype
 };
 
 // Strides that agree wherever they matter (dimensions of size > 1): then
@@ -89,14 +91,21 @@ class FlatLists {
         const ListSpec& spec = specs_[k];
         if (spec.tensors.empty()) continue;
         const at::Tensor& t = spec.tensors[i];
+        const at::ScalarType want =
+            spec.dtype == at::ScalarType::Undefined ? dtype_ : spec.dtype;
         // The first list's tensor is ref itself, checked above.
         if (k > 0) {
           TORCH_CHECK(t.defined(), op, ": ", spec.name, "[", i, "] is undefined");
           TORCH_CHECK(t.device() == device_, op, ": ", spec.name, "[", i, "] is on ",
                       t.device(), " but ", specs_[0].name, "[", i, "] is on ", device_);
-          TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", spec.name, "[", i, "] is ",
-                      t.scalar_type(), " but ", specs_[0].name, "[", i, "] is ", dtype_,
-                      "; every list of a group must share the parameters' dtype");
+          if (spec.dtype == at::ScalarType::Undefined) {
+            TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", spec.name, "[", i, "] is ",
+                        t.scalar_type(), " but ", specs_[0].name, "[", i, "] is ", dtype_,
+                        "; every list of a group must share the parameters' dtype");
+          } else {
+            TORCH_CHECK(t.scalar_type() == want, op, ": ", spec.name, "[", i, "] is ",
+                        t.scalar_type(), "; the kernels take ", want, " ", spec.name);
+          }
           TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", spec.name, "[", i, "] has shape ",
                       t.sizes(), " but ", specs_[0].name, "[", i, "] has ", ref.sizes());
         }
@@ -118,8 +127,9 @@ class FlatLists {
                                           : const_cast<void*>(t.const_data_ptr()));
           continue;
         }
-        at::Tensor flat = ref_dense ? at::empty_strided(ref.sizes(), ref.strides(), ref.options())
-                                    : at::empty(ref.sizes(), ref.options());
+        const auto options = ref.options().dtype(want);
+        at::Tensor flat = ref_dense ? at::empty_strided(ref.sizes(), ref.strides(), options)
+                                    : at::empty(ref.sizes(), options);
         if (spec.read) flat.copy_(t);
         if (spec.written) write_back_.emplace_back(t, flat);
         ptrs_[k].push_back(flat.mutable_data_ptr());

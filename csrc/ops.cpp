@@ -8,8 +8,8 @@
 // (sam_fast/_fake.py, named by set_python_module so PyTorch can import it on
 // demand); the CPU and CUDA implementations register themselves from
 // cpu/ops_cpu.cpp and cuda/ops_cuda.cu. The SAM family's three generic ops
-// are the exception: their schemas and fake implementations live in Python
-// (sam_fast/family_ops.py; see kOps below).
+// and BSAM's three are the exception: their schemas and fake implementations
+// live in Python (sam_fast/family_ops.py, sam_fast/bsam_ops.py; see kOps below).
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -27,15 +27,16 @@
 namespace {
 
 // The ops whose Autograd and ADInplaceOrView kernels are registered below: the
-// schemas of TORCH_LIBRARY(sam_fast) at the end of this file, and the SAM
-// family's generic ops. Those three are defined in Python
-// (sam_fast/family_ops.py, with the torch specification as their
-// CompositeExplicitAutograd kernel), so that they exist without this library;
+// schemas of TORCH_LIBRARY(sam_fast) at the end of this file, the SAM
+// family's generic ops and BSAM's. Those six are defined in Python
+// (sam_fast/family_ops.py, sam_fast/bsam_ops.py, with the torch specification
+// as their CompositeExplicitAutograd kernel), so that they exist without this library;
 // their CPU and CUDA kernels and these two kernels are registered here by name,
 // which the dispatcher allows before the schema arrives.
 constexpr const char* kOps[] = {
     "grad_sumsq", "perturb_", "restore_", "restore_sgd_", "restore_adamw_", "sampa_points_",
-    "sampa_update_", "dot_sumsq", "combine_", "ema_residual_",
+    "sampa_update_", "dot_sumsq", "combine_", "ema_residual_", "bsam_noise_", "bsam_ascent_",
+    "bsam_update_",
 };
 
 // Handles on an op's tensor arguments: an IValue copy of a Tensor[] argument

@@ -8,8 +8,10 @@ Conventions of kernels/family.py: every chunk runs a loop of full blocks (no mas
 masked tail; products the torch specification rounds on their own are kept out of FMA
 contraction (:func:`.common.mul_rn`); division and square root are correctly rounded
 (``div_rn``, ``sqrt_rn``); the options that only select (a grad scale, a skip flag,
-``new_s``) are runtime flags, not variants. fp32 storage only (the launcher hands other
-dtypes to the torch specification).
+``new_s``) are runtime flags, not variants. Storage fp32, fp16 and bf16 (``DT``), math in
+fp32: every operand is loaded as fp32 and every result rounded to ``DT`` once
+(:func:`.common.to_storage`); the noise ``z`` is fp32 whatever ``DT``. fp64 groups go to
+the torch specification (the launcher's), whose fp64 math these kernels do not have.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_of, device_fn, fp32_scalar, kernel, mul_rn, operand
+from .common import chunk_of, device_fn, fp32_scalar, kernel, mul_rn, operand, to_storage
 from .tables import BLOCK, CHUNK, LAUNCH, Table
 
 
 @device_fn
-def _noise_block(w, bk, z, s, offs, mask, n_f):
+def _noise_block(w, bk, z, s, offs, mask, n_f, DT: tl.constexpr):
     w_raw = tl.load(w + offs, mask=mask)
     tl.store(bk + offs, w_raw, mask=mask)
-    sv = tl.load(s + offs, mask=mask)
+    sv = tl.load(s + offs, mask=mask).to(tl.float32)
     sigma = tl.sqrt_rn(tl.math.div_rn(1.0, mul_rn(sv, n_f)))
-    tl.store(w + offs, w_raw + mul_rn(tl.load(z + offs, mask=mask), sigma), mask=mask)
+    noisy = w_raw.to(tl.float32) + mul_rn(tl.load(z + offs, mask=mask), sigma)
+    tl.store(w + offs, to_storage(noisy, DT), mask=mask)
 
 
 @kernel
@@ -37,19 +40,19 @@ def _noise_kernel(blocks, B, w_row, b_row, z_row, s_row, num_data, DT: tl.conste
     t, start, rem = chunk_of(blocks, B, CHUNK)
     w = operand(w_row, t, start, DT, ALIGNED)
     bk = operand(b_row, t, start, DT, ALIGNED)
-    z = operand(z_row, t, start, DT, ALIGNED)
+    z = operand(z_row, t, start, tl.float32, ALIGNED)
     s = operand(s_row, t, start, DT, ALIGNED)
     n_f = tl.cast(num_data, tl.float32)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
-        _noise_block(w, bk, z, s, off + tl.arange(0, BLOCK), None, n_f)
+        _noise_block(w, bk, z, s, off + tl.arange(0, BLOCK), None, n_f, DT)
     if n_full < rem:
         offs = n_full + tl.arange(0, BLOCK)
-        _noise_block(w, bk, z, s, offs, offs < rem, n_f)
+        _noise_block(w, bk, z, s, offs, offs < rem, n_f, DT)
 
 
 def noise(table: Table, dtype: tl.dtype, num_data: float) -> None:
-    """Operands (w, backup, z, s)."""
+    """Operands (w, backup, z, s); z is fp32, the others ``dtype``."""
     w_row, b_row, z_row, s_row = table.rows
     _noise_kernel[(table.n_blocks,)](table.blocks, table.n_blocks, w_row, b_row, z_row, s_row,
                                      float(num_data), DT=dtype, ALIGNED=table.aligned,
@@ -57,14 +60,14 @@ def noise(table: Table, dtype: tl.dtype, num_data: float) -> None:
 
 
 @device_fn
-def _ascent_block(w, bk, g, s, gs, offs, mask, inv, rho_f, keep):
+def _ascent_block(w, bk, g, s, gs, offs, mask, inv, rho_f, keep, DT: tl.constexpr):
     b_raw = tl.load(bk + offs, mask=mask)
-    sv = tl.load(s + offs, mask=mask)
-    gv = mul_rn(tl.load(g + offs, mask=mask), inv)
-    new = b_raw + tl.math.div_rn(mul_rn(gv, rho_f), sv)
-    curv = mul_rn(tl.sqrt_rn(sv), tl.abs(gv))
+    sv = tl.load(s + offs, mask=mask).to(tl.float32)
+    gv = mul_rn(tl.load(g + offs, mask=mask).to(tl.float32), inv)
+    new = to_storage(b_raw.to(tl.float32) + tl.math.div_rn(mul_rn(gv, rho_f), sv), DT)
+    curv = to_storage(mul_rn(tl.sqrt_rn(sv), tl.abs(gv)), DT)
     tl.store(w + offs, tl.where(keep, new, b_raw), mask=mask)
-    tl.store(gs + offs, tl.where(keep, curv, 0.0), mask=mask)
+    tl.store(gs + offs, tl.where(keep, curv, tl.zeros_like(curv)), mask=mask)
 
 
 @kernel
@@ -82,10 +85,10 @@ def _ascent_kernel(blocks, B, w_row, b_row, g_row, s_row, gs_row, grad_scale, sk
     keep = (tl.load(skip) == 0) | (has_skip == 0)
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
-        _ascent_block(w, bk, g, s, gs, off + tl.arange(0, BLOCK), None, inv, rho_f, keep)
+        _ascent_block(w, bk, g, s, gs, off + tl.arange(0, BLOCK), None, inv, rho_f, keep, DT)
     if n_full < rem:
         offs = n_full + tl.arange(0, BLOCK)
-        _ascent_block(w, bk, g, s, gs, offs, offs < rem, inv, rho_f, keep)
+        _ascent_block(w, bk, g, s, gs, offs, offs < rem, inv, rho_f, keep, DT)
 
 
 def ascent(table: Table, dtype: tl.dtype, rho: float, grad_scale: Tensor | None,
@@ -104,19 +107,22 @@ def ascent(table: Table, dtype: tl.dtype, rho: float, grad_scale: Tensor | None,
 
 @device_fn
 def _update_block(w, bk, g, m, s, gs, offs, mask, inv, lr_f, b1, omb1, b2, omb2, wd, dpw,
-                  new_s, keep):
-    w0 = tl.load(bk + offs, mask=mask)
+                  new_s, keep, DT: tl.constexpr):
+    w0_raw = tl.load(bk + offs, mask=mask)
     m_raw = tl.load(m + offs, mask=mask)
     s_raw = tl.load(s + offs, mask=mask)
-    gv = mul_rn(tl.load(g + offs, mask=mask), inv)
+    w0 = w0_raw.to(tl.float32)
+    s_old = s_raw.to(tl.float32)
+    gv = mul_rn(tl.load(g + offs, mask=mask).to(tl.float32), inv)
     d = gv + mul_rn(w0, wd)
-    m_new = mul_rn(m_raw, b1) + mul_rn(d, omb1)
-    s_new = mul_rn(s_raw, b2) + mul_rn(tl.load(gs + offs, mask=mask) + dpw, omb2)
-    step = tl.math.div_rn(m_new, tl.where(new_s, s_new, s_raw))
-    w_new = w0 - mul_rn(step, lr_f)
-    tl.store(w + offs, tl.where(keep, w_new, w0), mask=mask)
-    tl.store(m + offs, tl.where(keep, m_new, m_raw), mask=mask)
-    tl.store(s + offs, tl.where(keep, s_new, s_raw), mask=mask)
+    m_new = mul_rn(m_raw.to(tl.float32), b1) + mul_rn(d, omb1)
+    gsv = tl.load(gs + offs, mask=mask).to(tl.float32)
+    s_new = mul_rn(s_old, b2) + mul_rn(gsv + dpw, omb2)
+    step = tl.math.div_rn(m_new, tl.where(new_s, s_new, s_old))
+    w_new = to_storage(w0 - mul_rn(step, lr_f), DT)
+    tl.store(w + offs, tl.where(keep, w_new, w0_raw), mask=mask)
+    tl.store(m + offs, tl.where(keep, to_storage(m_new, DT), m_raw), mask=mask)
+    tl.store(s + offs, tl.where(keep, to_storage(s_new, DT), s_raw), mask=mask)
 
 
 @kernel
@@ -143,11 +149,11 @@ def _update_kernel(blocks, B, w_row, b_row, g_row, m_row, s_row, gs_row, grad_sc
     n_full = (rem // BLOCK) * BLOCK
     for off in tl.range(0, n_full, BLOCK):
         _update_block(w, bk, g, m, s, gs, off + tl.arange(0, BLOCK), None, inv, lr_f, b1,
-                      omb1, b2, omb2, wd, dpw, new_s, keep)
+                      omb1, b2, omb2, wd, dpw, new_s, keep, DT)
     if n_full < rem:
         offs = n_full + tl.arange(0, BLOCK)
         _update_block(w, bk, g, m, s, gs, offs, offs < rem, inv, lr_f, b1, omb1, b2, omb2,
-                      wd, dpw, new_s, keep)
+                      wd, dpw, new_s, keep, DT)
 
 
 def update(table: Table, dtype: tl.dtype, *, lr: float, beta1: float, beta2: float,

@@ -275,18 +275,23 @@ def layout_key(lists: Sequence[Sequence[Tensor]], numels: tuple[int, ...]) -> tu
 
 
 def make_plan(lists: Sequence[Sequence[Tensor]], n_elementwise: int, dtype: torch.dtype,
-              numels: tuple[int, ...], chunk: int = CHUNK) -> Plan:
+              numels: tuple[int, ...], chunk: int = CHUNK,
+              list_dtypes: tuple[torch.dtype | None, ...] | None = None) -> Plan:
     """Split positions by whether the kernels can serve them.
 
     ``lists[:n_elementwise]`` are the elementwise operands (same shape at each
     position); any further lists are per-tensor scalars whose addresses ride in
-    rows of their own (Adam's on-device step counters).
+    rows of their own (Adam's on-device step counters). Every elementwise operand
+    must be ``dtype``, except a list whose entry in ``list_dtypes`` names another
+    (BSAM's fp32 noise beside a bf16 group).
     """
+    wanted = [dtype if list_dtypes is None or list_dtypes[j] is None else list_dtypes[j]
+              for j in range(n_elementwise)]
     kernel: list[int] = []
     other: list[int] = []
     for i, lead in enumerate(lists[0]):
         tensors = [lst[i] for lst in lists[:n_elementwise]]
-        if not all(t.dtype == dtype for t in tensors):
+        if not all(t.dtype == want for t, want in zip(tensors, wanted)):
             ok = False
         elif all(t.is_contiguous() for t in tensors):
             ok = True  # the common case; same shapes, so the same layout
@@ -401,13 +406,15 @@ class TableCache:
                          lambda tensor: Row(tensor, aligned(addresses)))
 
     def plan(self, lists: Sequence[Sequence[Tensor]], n_elementwise: int, dtype: torch.dtype,
-             device: torch.device) -> Plan:
+             device: torch.device,
+             list_dtypes: tuple[torch.dtype | None, ...] | None = None) -> Plan:
         """The cached :class:`Plan` for these lists (keyed by sizes, layouts, dtypes)."""
         numels = tuple(map(_numel, lists[0]))
-        key = (device, dtype, n_elementwise, len(lists), layout_key(lists, numels))
+        key = (device, dtype, n_elementwise, len(lists), list_dtypes,
+               layout_key(lists, numels))
         plan = self._plans.get(key)
         if plan is None:
-            plan = make_plan(lists, n_elementwise, dtype, numels)
+            plan = make_plan(lists, n_elementwise, dtype, numels, list_dtypes=list_dtypes)
             self._plans[key] = plan
             if len(self._plans) > self.plan_capacity:
                 self._plans.popitem(last=False)
@@ -415,10 +422,12 @@ class TableCache:
             self._plans.move_to_end(key)
         return plan
 
-    def table(self, lists: Sequence[Sequence[Tensor]], n_elementwise: int | None = None
+    def table(self, lists: Sequence[Sequence[Tensor]], n_elementwise: int | None = None,
+              list_dtypes: tuple[torch.dtype | None, ...] | None = None
               ) -> tuple[Plan, Table | None]:
         """The plan of one call over the parallel ``lists`` (operand j of tensor t is
-        ``lists[j][t]``) and the table of its kernel positions (None: nothing to launch).
+        ``lists[j][t]``) and the table of its kernel positions (None: nothing to launch);
+        ``list_dtypes`` as in :func:`make_plan`.
 
         Per call: the plan's key, one address tuple per list and one dict lookup
         per row and for the block map; a miss uploads only what is new.
@@ -426,7 +435,7 @@ class TableCache:
         lead = lists[0][0]
         device = lead.device
         n = len(lists) if n_elementwise is None else n_elementwise
-        plan = self.plan(lists, n, lead.dtype, device)
+        plan = self.plan(lists, n, lead.dtype, device, list_dtypes)
         if plan.n_blocks == 0:  # no kernel position, or nothing but empty tensors
             return plan, None
         captured = capturing(device)

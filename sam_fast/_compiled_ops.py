@@ -9,8 +9,9 @@ picks from the tensors' device. Absent optional lists travel as empty lists
 float64 groups of the section 3 ops go to the torch backend: their compiled
 kernels compute in fp32 and store fp32, fp16 and bf16 only. The SAM family's
 generic ops (``dot_sumsq``, ``combine_``, ``ema_residual_``; namesakes in
-:mod:`sam_fast.backends.torch_family`) have compiled kernels for fp64 too, in
-fp64 as their specification computes. Tensors of any layout are accepted: the
+:mod:`sam_fast.backends.torch_family`) and BSAM's (``bsam_noise_``, ``bsam_ascent_``,
+``bsam_update_``; namesakes in :mod:`sam_fast.backends.torch_bsam`) have compiled kernels
+for fp64 too, in fp64 as their specifications compute. Tensors of any layout are accepted: the
 C++ side stages the rare non-dense or differently-strided ones through a
 temporary (csrc/op_args.h).
 """
@@ -267,6 +268,42 @@ def ema_residual_(
                                             bool(updated), grad_scale, skip)
 
 
+# -- BSAM's ops (schemas: sam_fast/bsam_ops.py) -----------------------------------------------
+
+
+def bsam_noise_(params: TensorList, backups: TensorList, noise: TensorList, s: TensorList,
+                num_data: float) -> None:
+    """``backup <- w``; ``w <- w + z sqrt(1 / (N s))`` (``noise``: fp32)."""
+    if len(params) == 0:
+        return None
+    torch.ops.sam_fast.bsam_noise_(list(params), list(backups), list(noise), list(s),
+                                   float(num_data))
+
+
+def bsam_ascent_(params: TensorList, backups: TensorList, grads: TensorList, s: TensorList,
+                 gs: TensorList, rho: float, grad_scale: Tensor | None = None,
+                 skip: Tensor | None = None) -> None:
+    """``w <- backup + rho g / s``, ``gs <- sqrt(s) |g|``; a plain restore where ``skip``."""
+    if len(params) == 0:
+        return None
+    torch.ops.sam_fast.bsam_ascent_(list(params), list(backups), list(grads), list(s),
+                                    list(gs), float(rho), grad_scale, skip)
+
+
+def bsam_update_(params: TensorList, backups: TensorList, grads: TensorList, m: TensorList,
+                 s: TensorList, gs: TensorList, lr: float, beta1: float, beta2: float,
+                 weight_decay: float, damping: float, new_s: bool,
+                 grad_scale: Tensor | None = None, skip: Tensor | None = None) -> None:
+    """BSAM's update of ``m``, ``s`` and ``w`` from the backups; a plain restore where
+    ``skip``."""
+    if len(params) == 0:
+        return None
+    torch.ops.sam_fast.bsam_update_(list(params), list(backups), list(grads), list(m), list(s),
+                                    list(gs), float(lr), float(beta1), float(beta2),
+                                    float(weight_decay), float(damping), bool(new_s),
+                                    grad_scale, skip)
+
+
 OPS = {
     "grad_sumsq": grad_sumsq,
     "perturb_": perturb_,
@@ -278,4 +315,7 @@ OPS = {
     "dot_sumsq": dot_sumsq,
     "combine_": combine_,
     "ema_residual_": ema_residual_,
+    "bsam_noise_": bsam_noise_,
+    "bsam_ascent_": bsam_ascent_,
+    "bsam_update_": bsam_update_,
 }

@@ -26,10 +26,12 @@ import torch
 
 from . import _toolchain
 
-# Every op with CPU and CUDA kernels in sam_fast._C, the SAM family's included (their
-# schemas are defined in sam_fast/family_ops.py, the kernels in csrc/).
+# Every op with CPU and CUDA kernels in sam_fast._C, the SAM family's and BSAM's included
+# (their schemas are defined in sam_fast/family_ops.py and sam_fast/bsam_ops.py, the
+# kernels in csrc/).
 _OPS = ("grad_sumsq", "perturb_", "restore_", "restore_sgd_", "restore_adamw_",
-        "sampa_points_", "sampa_update_", "dot_sumsq", "combine_", "ema_residual_")
+        "sampa_points_", "sampa_update_", "dot_sumsq", "combine_", "ema_residual_",
+        "bsam_noise_", "bsam_ascent_", "bsam_update_")
 
 _lock = threading.RLock()
 _C: ModuleType | None = None

@@ -38,6 +38,18 @@ FAMILY_OP_NAMES = (
     "ema_residual_",
 )
 
+# BSAM's three ops (docs/family.md): schemas in sam_fast/bsam_ops.py, the specification in
+# sam_fast/backends/torch_bsam.py, Triton kernels in kernels/bsam.py (fp64: the spec), C++ CPU
+# and CUDA kernels in csrc/ (cpu/ops_cpu.cpp, cuda/ops_cuda.cu, bsam.h).
+BSAM_OP_NAMES = (
+    "bsam_noise_",
+    "bsam_ascent_",
+    "bsam_update_",
+)
+
+# Ops every registered backend must implement (no silent hand-over to another backend).
+_REQUIRED = FAMILY_OP_NAMES + BSAM_OP_NAMES
+
 # Preference order of ``backend="auto"`` per device type (docs/design.md section 4).
 AUTO_ORDER = {
     "cuda": ("cuda", "triton", "torch"),
@@ -79,7 +91,7 @@ def register_backend(
     ``unavailable_reason(device_type, explicit)`` says why the backend cannot
     run on that device type (None when it can); ``explicit`` is True when the
     user asked for this backend by name."""
-    unknown = set(ops) - set(OP_NAMES) - set(FAMILY_OP_NAMES)
+    unknown = set(ops) - set(OP_NAMES) - set(_REQUIRED)
     if unknown:
         raise ValueError(f"backend {name!r} registers unknown ops {sorted(unknown)}")
     backend = Backend(name, dict(ops))
@@ -126,15 +138,16 @@ def resolve(name: str, device: torch.device) -> str:
 def lookup(op: str, backend: str, device: torch.device) -> Callable:
     """The implementation of ``op`` for tensors on ``device``.
 
-    Every registered backend implements the SAM family's ops (:data:`FAMILY_OP_NAMES`):
-    one that does not is an error, never a silent hand-over to another backend. A backend
+    Every registered backend implements the SAM family's ops (:data:`FAMILY_OP_NAMES`) and
+    BSAM's (:data:`BSAM_OP_NAMES`): one that does not is an error, never a silent hand-over
+    to another backend. A backend
     that registered only some of the section 3 ops (as a test backend may) hands the others
     to the ``torch`` backend, which implements all of them.
     """
     concrete = resolve(backend, device)
     impl = _BACKENDS[concrete].ops.get(op)
     if impl is None:
-        if op in FAMILY_OP_NAMES:
+        if op in _REQUIRED:
             raise RuntimeError(f"sam_fast backend {concrete!r} implements no {op!r}")
         impl = _BACKENDS["torch"].ops[op]
     return impl
@@ -143,7 +156,7 @@ def lookup(op: str, backend: str, device: torch.device) -> Callable:
 def served_by(op: str, backend: str, device: torch.device) -> str:
     """The backend whose implementation :func:`lookup` returns for ``op`` on ``device``:
     ``backend`` resolved, or ``"torch"`` for a section 3 op a partial backend lacks (an
-    error, as in :func:`lookup`, for a family op it lacks)."""
+    error, as in :func:`lookup`, for a family or BSAM op it lacks)."""
     lookup(op, backend, device)
     concrete = resolve(backend, device)
     return concrete if op in _BACKENDS[concrete].ops else "torch"

@@ -847,16 +847,18 @@ def test_opcheck(device, case):
 
 def test_op_table_has_the_torch_backend_signatures():
     """The compiled backends' op table is called exactly like the torch backend's (the
-    specifications: torch_ops, and torch_family for the SAM family's ops): same
+    specifications: torch_ops, torch_family for the SAM family's ops, torch_bsam for
+    BSAM's): same
     parameters, kinds, defaults and order."""
     import inspect
 
-    from sam_fast.backends import torch_family
+    from sam_fast.backends import torch_bsam, torch_family
 
-    assert set(_compiled_ops.OPS) == set(dispatch.OP_NAMES) | set(dispatch.FAMILY_OP_NAMES)
+    assert set(_compiled_ops.OPS) == (set(dispatch.OP_NAMES) | set(dispatch.FAMILY_OP_NAMES)
+                                      | set(dispatch.BSAM_OP_NAMES))
     for name, op in _compiled_ops.OPS.items():
         ours = inspect.signature(op).parameters
-        spec = torch_family.OPS[name] if name in dispatch.FAMILY_OP_NAMES else getattr(torch_ops, name)
+        spec = {**torch_family.OPS, **torch_bsam.OPS}.get(name) or getattr(torch_ops, name)
         theirs = inspect.signature(spec).parameters
         assert [(p.name, p.kind, p.default) for p in ours.values()] == [
             (p.name, p.kind, p.default) for p in theirs.values()], name

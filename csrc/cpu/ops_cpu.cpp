@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../elementwise.h"
+#include "../bsam.h"
 #include "../family.h"
 #include "../op_args.h"
 
@@ -724,6 +725,242 @@ at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, doubl
   return out;
 }
 
+
+// ---------------------------------------------------------------------------
+// BSAM's three ops (sam_fast/bsam_ops.py; specification:
+// sam_fast/backends/torch_bsam.py; per-element math: bsam.h). Storage fp32,
+// fp16, bf16 and fp64 (math in fp64 then), like the family ops; the noise is
+// fp32 whatever the group's dtype (the optimizer's one normal_ per device).
+//
+// The square roots come from ATen's sqrt, as in the specification (bsam.h
+// says why): a first pass writes every element's argument into one scratch
+// tensor of the math dtype (the whole call's elements, tensor after tensor),
+// one sqrt_ takes their roots (elementwise: the same bits as the
+// specification's per-tensor torch.sqrt, for any number of threads), and a
+// second pass does the rest. One ATen call per op call, whatever the number
+// of tensors.
+
+// Where each non-empty tensor's elements start in the call's scratch.
+std::vector<int64_t> scratch_offsets(const FlatLists& lists) {
+  std::vector<int64_t> offsets(lists.size());
+  int64_t at = 0;
+  for (size_t j = 0; j < lists.size(); ++j) {
+    offsets[j] = at;
+    at += lists.numel(j);
+  }
+  return offsets;
+}
+
+// A skip flag read on the host (a CPU tensor: no device sync): set where != 0
+// (NaN included), as the specification's skip != 0.
+bool skip_set(const std::optional<at::Tensor>& skip) {
+  if (!skip.has_value()) return false;
+  TORCH_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", skip->sizes());
+  return skip->item<double>() != 0.0;
+}
+
+// 1 / S in the math dtype (torch.reciprocal of grad_scale.to(math)), or 1.
+template <typename Acc>
+Acc inv_scale_of(const std::optional<at::Tensor>& grad_scale, at::ScalarType math) {
+  if (!grad_scale.has_value()) return Acc(1);
+  TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
+              grad_scale->sizes());
+  return Acc(1) / grad_scale->to(at::kCPU, math).item<Acc>();
+}
+
+// bsam_noise_'s chunk cores: the variances 1 / (s N), then backup <- w and
+// w <- w + z sigma (sigma: the roots of the variances).
+template <typename T, typename Acc>
+void bsam_variance_chunk(const T* __restrict s, Acc* __restrict out, int64_t n, Acc num_data) {
+  for (int64_t i = 0; i < n; ++i) out[i] = bsam_noise_variance(static_cast<Acc>(s[i]), num_data);
+}
+
+template <typename T, typename Acc>
+void bsam_noise_chunk(T* __restrict w, T* __restrict b, const float* __restrict z,
+                      const Acc* __restrict sigma, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T wi = w[i];
+    b[i] = wi;
+    w[i] = static_cast<T>(bsam_noisy(static_cast<Acc>(wi), static_cast<Acc>(z[i]), sigma[i]));
+  }
+}
+
+// bsam_ascent_'s cores: s widened (the roots' argument), then w and gs.
+template <typename T, typename Acc>
+void widen_chunk(const T* __restrict s, Acc* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Acc>(s[i]);
+}
+
+template <typename T, typename Acc>
+void bsam_ascent_chunk(T* __restrict w, const T* __restrict b, const T* __restrict g,
+                       const T* __restrict s, T* __restrict gs, const Acc* __restrict sqrt_s,
+                       int64_t n, const BsamAscentCoeffs<Acc>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    Acc wi, gi;
+    bsam_ascent_values(c, static_cast<Acc>(b[i]), static_cast<Acc>(g[i]),
+                       static_cast<Acc>(s[i]), sqrt_s[i], &wi, &gi);
+    w[i] = static_cast<T>(wi);
+    gs[i] = static_cast<T>(gi);
+  }
+}
+
+// bsam_update_'s core: w, m and s from w0 = backup.
+template <typename T, typename Acc>
+void bsam_update_chunk(T* __restrict w, const T* __restrict b, const T* __restrict g,
+                       T* __restrict m, T* __restrict s, const T* __restrict gs, int64_t n,
+                       const BsamUpdateCoeffs<Acc>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    Acc wi, mi, si;
+    bsam_update_values(c, static_cast<Acc>(b[i]), static_cast<Acc>(g[i]),
+                       static_cast<Acc>(m[i]), static_cast<Acc>(s[i]),
+                       static_cast<Acc>(gs[i]), &wi, &mi, &si);
+    w[i] = static_cast<T>(wi);
+    m[i] = static_cast<T>(mi);
+    s[i] = static_cast<T>(si);
+  }
+}
+
+void bsam_noise_(at::TensorList params, at::TensorList backups, at::TensorList noise,
+                 at::TensorList s, double num_data) {
+  check_same_length(params, backups, "bsam_noise_", "params", "backups");
+  check_same_length(params, noise, "bsam_noise_", "params", "noise");
+  check_same_length(params, s, "bsam_noise_", "params", "s");
+  FlatLists lists({{"params", params, true, true},
+                   {"backups", backups, false, true},
+                   {"noise", noise, true, false, at::kFloat},
+                   {"s", s, true, false}},
+                  "bsam_noise_");
+  check_family_dtype(lists.dtype(), "bsam_noise_");
+  if (lists.empty()) return;
+  const auto chunks = chunks_of(lists);
+  const int64_t total = total_numel(lists);
+  const auto offsets = scratch_offsets(lists);
+  const at::ScalarType math = family_math_dtype(lists.dtype());
+  dispatch_family(lists.dtype(), "bsam_noise_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    const Acc n_acc = static_cast<Acc>(num_data);
+    at::Tensor sigma = at::empty({total}, at::TensorOptions().dtype(math));
+    Acc* sg = sigma.data_ptr<Acc>();
+    for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
+      bsam_variance_chunk<T, Acc>(at_chunk<T>(lists, 3, c), sg + offsets[c.tensor] + c.begin,
+                                  c.end - c.begin, n_acc);
+    });
+    sigma.sqrt_();
+    for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
+      bsam_noise_chunk<T, Acc>(at_chunk<T>(lists, 0, c), at_chunk<T>(lists, 1, c),
+                               at_chunk<float>(lists, 2, c), sg + offsets[c.tensor] + c.begin,
+                               c.end - c.begin);
+    });
+  });
+  lists.finish();
+}
+
+void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                  at::TensorList s, at::TensorList gs, double rho,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& skip) {
+  check_same_length(params, backups, "bsam_ascent_", "params", "backups");
+  check_same_length(params, grads, "bsam_ascent_", "params", "grads");
+  check_same_length(params, s, "bsam_ascent_", "params", "s");
+  check_same_length(params, gs, "bsam_ascent_", "params", "gs");
+  const bool skipped = skip_set(skip);
+  // Skipped: w <- backup, gs <- 0 (nothing else read).
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads", skipped ? at::TensorList() : grads, true, false},
+                   {"s", skipped ? at::TensorList() : s, true, false},
+                   {"gs", gs, false, true}},
+                  "bsam_ascent_");
+  check_family_dtype(lists.dtype(), "bsam_ascent_");
+  if (lists.empty()) return;
+  const auto chunks = chunks_of(lists);
+  const int64_t total = total_numel(lists);
+  if (skipped) {
+    copy_lists(lists, 0, 1);
+    const size_t elem = c10::elementSize(lists.dtype());
+    for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
+      std::memset(static_cast<char*>(lists.ptrs(4)[c.tensor]) + c.begin * elem, 0,
+                  (c.end - c.begin) * elem);
+    });
+    lists.finish();
+    return;
+  }
+  const at::ScalarType math = family_math_dtype(lists.dtype());
+  const auto offsets = scratch_offsets(lists);
+  dispatch_family(lists.dtype(), "bsam_ascent_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    const BsamAscentCoeffs<Acc> coeffs{static_cast<Acc>(rho), inv_scale_of<Acc>(grad_scale, math)};
+    at::Tensor roots = at::empty({total}, at::TensorOptions().dtype(math));
+    Acc* r = roots.data_ptr<Acc>();
+    for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
+      widen_chunk<T, Acc>(at_chunk<T>(lists, 3, c), r + offsets[c.tensor] + c.begin,
+                          c.end - c.begin);
+    });
+    roots.sqrt_();
+    for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
+      bsam_ascent_chunk<T, Acc>(at_chunk<T>(lists, 0, c), at_chunk<T>(lists, 1, c),
+                                at_chunk<T>(lists, 2, c), at_chunk<T>(lists, 3, c),
+                                at_chunk<T>(lists, 4, c), r + offsets[c.tensor] + c.begin,
+                                c.end - c.begin, coeffs);
+    });
+  });
+  lists.finish();
+}
+
+void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                  at::TensorList m, at::TensorList s, at::TensorList gs, double lr,
+                  double beta1, double beta2, double weight_decay, double damping, bool new_s,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& skip) {
+  check_same_length(params, backups, "bsam_update_", "params", "backups");
+  check_same_length(params, grads, "bsam_update_", "params", "grads");
+  check_same_length(params, m, "bsam_update_", "params", "m");
+  check_same_length(params, s, "bsam_update_", "params", "s");
+  check_same_length(params, gs, "bsam_update_", "params", "gs");
+  const bool skipped = skip_set(skip);
+  if (skipped) {  // w <- w0; m and s untouched
+    FlatLists lists({{"params", params, false, true}, {"backups", backups, true, false}},
+                    "bsam_update_");
+    check_family_dtype(lists.dtype(), "bsam_update_");
+    if (!lists.empty()) copy_lists(lists, 0, 1);
+    lists.finish();
+    return;
+  }
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads", grads, true, false},
+                   {"m", m, true, true},
+                   {"s", s, true, true},
+                   {"gs", gs, true, false}},
+                  "bsam_update_");
+  check_family_dtype(lists.dtype(), "bsam_update_");
+  if (lists.empty()) return;
+  const at::ScalarType math = family_math_dtype(lists.dtype());
+  const auto chunks = chunks_of(lists);
+  dispatch_family(lists.dtype(), "bsam_update_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    const BsamUpdateCoeffs<Acc> c{static_cast<Acc>(lr),
+                                  static_cast<Acc>(beta1),
+                                  static_cast<Acc>(1.0 - beta1),
+                                  static_cast<Acc>(beta2),
+                                  static_cast<Acc>(1.0 - beta2),
+                                  static_cast<Acc>(weight_decay),
+                                  static_cast<Acc>(damping + weight_decay),
+                                  inv_scale_of<Acc>(grad_scale, math),
+                                  new_s};
+    for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& ch) {
+      bsam_update_chunk<T, Acc>(at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch),
+                                at_chunk<T>(lists, 2, ch), at_chunk<T>(lists, 3, ch),
+                                at_chunk<T>(lists, 4, ch), at_chunk<T>(lists, 5, ch),
+                                ch.end - ch.begin, c);
+    });
+  });
+  lists.finish();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
@@ -737,6 +974,9 @@ TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
   m.impl("dot_sumsq", &dot_sumsq);
   m.impl("combine_", &combine_);
   m.impl("ema_residual_", &ema_residual_);
+  m.impl("bsam_noise_", &bsam_noise_);
+  m.impl("bsam_ascent_", &bsam_ascent_);
+  m.impl("bsam_update_", &bsam_update_);
 }
 
 }  // namespace sam_fast::cpu

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../elementwise.h"
+#include "../bsam.h"
 #include "../family.h"
 #include "../op_args.h"
 #include "multi_tensor_apply.cuh"
@@ -1099,6 +1100,305 @@ at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, doubl
   return out;
 }
 
+
+// ---------------------------------------------------------------------------
+// BSAM's three ops (sam_fast/bsam_ops.py; specification:
+// sam_fast/backends/torch_bsam.py; per-element math: bsam.h). Storage fp32,
+// fp16, bf16 and fp64 (math in fp64 then); the noise is fp32 whatever the
+// group's dtype. The square roots are rn_sqrt: torch.sqrt is correctly rounded
+// on CUDA. grad_scale and skip are read in the kernels (no host sync): a
+// skipped ascent is w <- backup, gs <- 0, a skipped update w <- backup.
+
+// -- bsam_noise_: lists w (read, written), backup (written), z (fp32), s.
+// Not on elementwise_body, whose lists share one element type: the same
+// scheme, with z loaded as fp32 (kSize of them where w's vector has kSize).
+
+// Checked before any early return, as on the CPU: a group of only empty
+// tensors of another dtype is refused too.
+void check_bsam_dtype(at::ScalarType dtype, const char* op) {
+  dispatch_family(dtype, op, [](auto) {});
+}
+
+template <int N>
+struct alignas(4 * N) FloatVec {
+  float v[N];
+};
+
+template <typename Acc>
+struct NoiseArgs {
+  Acc num_data;
+};
+
+template <typename T, typename Acc, bool kLarge>
+__device__ __forceinline__ void bsam_noise_body(const TensorListMetadata<4, NoExtra, kLarge>& meta,
+                                                const NoiseArgs<Acc>& a) {
+  int t;
+  int64_t start;
+  const int64_t n = block_chunk(meta, &t, &start);
+  T* w = static_cast<T*>(meta.addresses[0][t]) + start;
+  T* b = static_cast<T*>(meta.addresses[1][t]) + start;
+  const float* z = static_cast<const float*>(meta.addresses[2][t]) + start;
+  const T* s = static_cast<const T*>(meta.addresses[3][t]) + start;
+  using V = Vec16<T>;
+  using Z = FloatVec<V::kSize>;
+  const bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(b) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(s) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(z) % alignof(Z) == 0;
+  int64_t done = 0;
+  if (aligned) {
+    const int64_t nvec = n / V::kSize;
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      V wv = reinterpret_cast<const V*>(w)[i];
+      const V sv = reinterpret_cast<const V*>(s)[i];
+      const Z zv = reinterpret_cast<const Z*>(z)[i];
+      reinterpret_cast<V*>(b)[i] = wv;
+#pragma unroll
+      for (int j = 0; j < V::kSize; ++j) {
+        const Acc sigma = rn_sqrt(bsam_noise_variance(static_cast<Acc>(sv.v[j]), a.num_data));
+        wv.v[j] = static_cast<T>(
+            bsam_noisy(static_cast<Acc>(wv.v[j]), static_cast<Acc>(zv.v[j]), sigma));
+      }
+      reinterpret_cast<V*>(w)[i] = wv;
+    }
+    done = nvec * V::kSize;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    const T wi = w[i];
+    b[i] = wi;
+    const Acc sigma = rn_sqrt(bsam_noise_variance(static_cast<Acc>(s[i]), a.num_data));
+    w[i] = static_cast<T>(bsam_noisy(static_cast<Acc>(wi), static_cast<Acc>(z[i]), sigma));
+  }
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kBlockSize)
+    bsam_noise_kernel(const TensorListMetadata<4, NoExtra, false> meta, const NoiseArgs<Acc> a) {
+  bsam_noise_body<T>(meta, a);
+}
+
+#if SAMF_LARGE_PARAMS
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kBlockSize)
+    bsam_noise_kernel(const TensorListMetadata<4, NoExtra, true> meta, const NoiseArgs<Acc> a)
+#if SAMF_LARGE_KERNEL_DEFINED
+{
+  bsam_noise_body<T>(meta, a);
+}
+#else
+    ;
+#endif
+#endif
+
+void bsam_noise_(at::TensorList params, at::TensorList backups, at::TensorList noise,
+                 at::TensorList s, double num_data) {
+  check_same_length(params, backups, "bsam_noise_", "params", "backups");
+  check_same_length(params, noise, "bsam_noise_", "params", "noise");
+  check_same_length(params, s, "bsam_noise_", "params", "s");
+  FlatLists lists({{"params", params, true, true},
+                   {"backups", backups, false, true},
+                   {"noise", noise, true, false, at::kFloat},
+                   {"s", s, true, false}},
+                  "bsam_noise_");
+  check_bsam_dtype(lists.dtype(), "bsam_noise_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_family(lists.dtype(), "bsam_noise_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    const NoiseArgs<Acc> args{static_cast<Acc>(num_data)};
+    multi_tensor_apply<4, NoExtra>(
+        lists.device().index(), list_pointers<4>(lists), lists.numels().data(), lists.size(),
+        static_cast<const NoExtra*>(nullptr), [&](const auto& meta, int nb, int64_t) {
+          bsam_noise_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  });
+  lists.finish();
+}
+
+// The device scalars of bsam_ascent_ and bsam_update_: the grad scale in the
+// math dtype (null without GradScaler) and the skip flag.
+template <typename Acc>
+struct BsamScalars {
+  const Acc* grad_scale;
+  DeviceFlag skip;
+
+  __device__ __forceinline__ Acc inv_scale() const {
+    return grad_scale != nullptr ? rn_rcp(*grad_scale) : Acc(1);
+  }
+};
+
+template <typename Acc>
+struct BsamCtx {
+  Acc inv_scale;
+  bool skip;
+};
+
+// Device copies of grad_scale (in the math dtype) and skip (fp32 as given,
+// any other dtype as fp64), alive for the launches; none where they are
+// there already.
+struct BsamDeviceScalars {
+  std::optional<at::Tensor> grad_scale;
+  std::optional<at::Tensor> skip;
+  DeviceFlag flag{nullptr, nullptr};
+
+  BsamDeviceScalars(const std::optional<at::Tensor>& gs, const std::optional<at::Tensor>& sk,
+                    at::Device device, at::ScalarType math) {
+    if (gs.has_value()) {
+      TORCH_CHECK(gs->numel() == 1, "grad_scale must hold one element, got shape ", gs->sizes());
+      grad_scale = gs->to(device, math);
+    }
+    if (sk.has_value()) {
+      TORCH_CHECK(sk->numel() == 1, "skip must hold one element, got shape ", sk->sizes());
+      if (sk->scalar_type() == at::kFloat) {
+        skip = sk->to(device);
+        flag.f = skip->data_ptr<float>();
+      } else {
+        skip = sk->to(device, at::kDouble);
+        flag.d = skip->data_ptr<double>();
+      }
+    }
+  }
+
+  template <typename Acc>
+  BsamScalars<Acc> args() const {
+    return {grad_scale.has_value() ? grad_scale->data_ptr<Acc>() : nullptr, flag};
+  }
+};
+
+// -- bsam_ascent_: lists w (written), backup, g, s, gs (written).
+
+template <typename Acc>
+struct BsamAscentOp {
+  Acc rho;
+  BsamScalars<Acc> scalars;
+
+  __device__ BsamCtx<Acc> prepare(NoExtra) const {
+    return {scalars.inv_scale(), scalars.skip.set()};
+  }
+  __device__ unsigned reads(const BsamCtx<Acc>& c) const { return c.skip ? 0b00010u : 0b01110u; }
+  __device__ unsigned writes(const BsamCtx<Acc>&) const { return 0b10001u; }
+  template <typename T>
+  __device__ void apply(T (&e)[5], const BsamCtx<Acc>& c) const {
+    if (c.skip) {
+      e[0] = e[1];
+      e[4] = static_cast<T>(Acc(0));
+      return;
+    }
+    const Acc s = static_cast<Acc>(e[3]);
+    Acc w, gs;
+    bsam_ascent_values(BsamAscentCoeffs<Acc>{rho, c.inv_scale}, static_cast<Acc>(e[1]),
+                       static_cast<Acc>(e[2]), s, rn_sqrt(s), &w, &gs);
+    e[0] = static_cast<T>(w);
+    e[4] = static_cast<T>(gs);
+  }
+};
+
+void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                  at::TensorList s, at::TensorList gs, double rho,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& skip) {
+  check_same_length(params, backups, "bsam_ascent_", "params", "backups");
+  check_same_length(params, grads, "bsam_ascent_", "params", "grads");
+  check_same_length(params, s, "bsam_ascent_", "params", "s");
+  check_same_length(params, gs, "bsam_ascent_", "params", "gs");
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads", grads, true, false},
+                   {"s", s, true, false},
+                   {"gs", gs, false, true}},
+                  "bsam_ascent_");
+  check_bsam_dtype(lists.dtype(), "bsam_ascent_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const BsamDeviceScalars scalars(grad_scale, skip, lists.device(),
+                                  family_math_dtype(lists.dtype()));
+  dispatch_family(lists.dtype(), "bsam_ascent_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    launch_elementwise<5, T, NoExtra>(
+        lists, nullptr, BsamAscentOp<Acc>{static_cast<Acc>(rho), scalars.args<Acc>()});
+  });
+  lists.finish();
+}
+
+// -- bsam_update_: lists w (written), backup, g, m (read, written), s (read,
+// written), gs.
+
+template <typename Acc>
+struct BsamUpdateOp {
+  BsamUpdateCoeffs<Acc> c;  // inv_scale: set in the kernel from grad_scale
+  BsamScalars<Acc> scalars;
+
+  __device__ BsamCtx<Acc> prepare(NoExtra) const {
+    return {scalars.inv_scale(), scalars.skip.set()};
+  }
+  __device__ unsigned reads(const BsamCtx<Acc>& x) const {
+    return x.skip ? 0b000010u : 0b111110u;
+  }
+  __device__ unsigned writes(const BsamCtx<Acc>& x) const {
+    return x.skip ? 0b000001u : 0b011001u;
+  }
+  template <typename T>
+  __device__ void apply(T (&e)[6], const BsamCtx<Acc>& x) const {
+    if (x.skip) {
+      e[0] = e[1];
+      return;
+    }
+    BsamUpdateCoeffs<Acc> k = c;
+    k.inv_scale = x.inv_scale;
+    Acc w, m, s;
+    bsam_update_values(k, static_cast<Acc>(e[1]), static_cast<Acc>(e[2]),
+                       static_cast<Acc>(e[3]), static_cast<Acc>(e[4]), static_cast<Acc>(e[5]),
+                       &w, &m, &s);
+    e[0] = static_cast<T>(w);
+    e[3] = static_cast<T>(m);
+    e[4] = static_cast<T>(s);
+  }
+};
+
+void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                  at::TensorList m, at::TensorList s, at::TensorList gs, double lr,
+                  double beta1, double beta2, double weight_decay, double damping, bool new_s,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& skip) {
+  check_same_length(params, backups, "bsam_update_", "params", "backups");
+  check_same_length(params, grads, "bsam_update_", "params", "grads");
+  check_same_length(params, m, "bsam_update_", "params", "m");
+  check_same_length(params, s, "bsam_update_", "params", "s");
+  check_same_length(params, gs, "bsam_update_", "params", "gs");
+  FlatLists lists({{"params", params, false, true},
+                   {"backups", backups, true, false},
+                   {"grads", grads, true, false},
+                   {"m", m, true, true},
+                   {"s", s, true, true},
+                   {"gs", gs, true, false}},
+                  "bsam_update_");
+  check_bsam_dtype(lists.dtype(), "bsam_update_");
+  if (lists.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.device());
+  const BsamDeviceScalars scalars(grad_scale, skip, lists.device(),
+                                  family_math_dtype(lists.dtype()));
+  dispatch_family(lists.dtype(), "bsam_update_", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = math_t<T>;
+    const BsamUpdateCoeffs<Acc> c{static_cast<Acc>(lr),
+                                  static_cast<Acc>(beta1),
+                                  static_cast<Acc>(1.0 - beta1),
+                                  static_cast<Acc>(beta2),
+                                  static_cast<Acc>(1.0 - beta2),
+                                  static_cast<Acc>(weight_decay),
+                                  static_cast<Acc>(damping + weight_decay),
+                                  Acc(1),
+                                  new_s};
+    launch_elementwise<6, T, NoExtra>(lists, nullptr,
+                                      BsamUpdateOp<Acc>{c, scalars.args<Acc>()});
+  });
+  lists.finish();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
@@ -1112,6 +1412,9 @@ TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
   m.impl("dot_sumsq", &dot_sumsq);
   m.impl("combine_", &combine_);
   m.impl("ema_residual_", &ema_residual_);
+  m.impl("bsam_noise_", &bsam_noise_);
+  m.impl("bsam_ascent_", &bsam_ascent_);
+  m.impl("bsam_update_", &bsam_update_);
 }
 
 }  // namespace sam_fast::cuda

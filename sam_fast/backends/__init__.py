@@ -10,9 +10,9 @@ import importlib
 import pkgutil
 
 from .. import dispatch
-from . import torch_family, torch_ops
+from . import torch_bsam, torch_family, torch_ops
 
-dispatch.register_backend("torch", {**torch_ops.OPS, **torch_family.OPS})
+dispatch.register_backend("torch", {**torch_ops.OPS, **torch_family.OPS, **torch_bsam.OPS})
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name.endswith("_backend"):

@@ -127,15 +127,17 @@ def _delegated(t: Tensor) -> bool:
     return t.dtype not in _TL_DTYPE
 
 
-def _plan(lists: Sequence[TensorList], n_elementwise: int | None = None) -> Any:
+def _plan(lists: Sequence[TensorList], n_elementwise: int | None = None,
+          list_dtypes: tuple[torch.dtype | None, ...] | None = None) -> Any:
     """``(plan, table)`` for these operand lists (``kernels.tables.TableCache.table``):
-    which positions the kernels serve, and the block map and address rows they read.
+    which positions the kernels serve, and the block map and address rows they read
+    (``list_dtypes``: a list whose operands are not the group's dtype, by position).
 
     Cached by sizes and layouts (the plan, the block map) and by each list's
     addresses (its row), so that re-allocated gradients cost one small upload.
     """
     assert kernels is not None
-    return CACHE.table(lists, n_elementwise)
+    return CACHE.table(lists, n_elementwise, list_dtypes)
 
 
 def _pick(lst: TensorList, idx: Sequence[int]) -> list[Tensor]:
@@ -546,4 +548,10 @@ dispatch.register_backend("triton", OPS, unavailable_reason=unavailable_reason)
 from . import triton_family as _family  # noqa: E402  (it reads this module's helpers)
 
 OPS.update(_family.OPS)
+dispatch.register_backend("triton", OPS, unavailable_reason=unavailable_reason)
+
+# -- BSAM's ops: kernels/bsam.py, launched by .triton_bsam (fp32 groups; the others: the spec) --
+from . import triton_bsam as _bsam  # noqa: E402  (it reads this module's helpers)
+
+OPS.update(_bsam.OPS)
 dispatch.register_backend("triton", OPS, unavailable_reason=unavailable_reason)

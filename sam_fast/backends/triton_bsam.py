@@ -1,9 +1,15 @@
-"""The ``triton`` implementations of BSAM's ops (kernels/bsam.py), routed by
-:func:`sam_fast.bsam_ops.impl`. Same contract as :mod:`.triton_family`: each function takes
-one (device, dtype) group with the signature and meaning of its namesake in
-:mod:`sam_fast.bsam_ops`; groups that are not fp32 (the fp32 noise would not share their
-element type), and positions the kernels cannot address as one dense run, go to the torch
-specification."""
+"""The ``triton`` implementations of BSAM's ops (kernels/bsam.py), registered in the
+``triton`` backend's table (:mod:`.triton_backend`). Same contract as :mod:`.triton_family`:
+each function takes one (device, dtype) group with the signature and meaning of its
+namesake in :mod:`sam_fast.backends.torch_bsam`.
+
+The kernels serve fp32, fp16 and bf16 groups (math in fp32, the noise fp32 whatever the
+group's dtype). fp64 groups go to the torch specification, by design and not as a
+fallback from a failure: fp64 needs fp64 math, which the kernels' fp32 arithmetic is not
+(on a GPU the ``cuda`` backend's compiled kernels serve fp64 in fp64). Positions the
+kernels cannot address as one dense run go to the specification too, as in every Triton
+op.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import torch_bsam
 from . import triton_backend as tb
 from .torch_ops import TensorList
 
@@ -21,14 +28,8 @@ if tb.kernels is not None:
     kernels = importlib.import_module(tb.kernels.__name__ + ".bsam")
 
 
-def available() -> bool:
-    return kernels is not None
-
-
 def _spec(name: str) -> Callable:
-    from .. import bsam_ops
-
-    return bsam_ops.SPEC[name]
+    return torch_bsam.OPS[name]
 
 
 def _flag(t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -38,10 +39,16 @@ def _flag(t: Tensor | None, device: torch.device) -> Tensor | None:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
-def _served(lists: list[TensorList]) -> tuple[Any, Any] | None:
-    if lists[0][0].dtype != torch.float32:
+def _served(lists: list[TensorList], list_dtypes: tuple | None = None
+            ) -> tuple[Any, Any] | None:
+    """The plan of an fp32, fp16 or bf16 group, None for fp64 (the specification's)."""
+    if tb._delegated(lists[0][0]):
         return None
-    return tb._plan(lists)
+    return tb._plan(lists, list_dtypes=list_dtypes)
+
+
+# bsam_noise_'s operands (w, backup, z, s): z is the fp32 draw whatever the group's dtype.
+_NOISE_DTYPES = (None, None, torch.float32, None)
 
 
 def bsam_noise_(params: TensorList, backups: TensorList, noise: TensorList, s: TensorList,
@@ -49,7 +56,7 @@ def bsam_noise_(params: TensorList, backups: TensorList, noise: TensorList, s: T
     if len(params) == 0:
         return
     lists = [params, backups, noise, s]
-    served = _served(lists)
+    served = _served(lists, _NOISE_DTYPES)
     if served is None:
         return _spec("bsam_noise_")(params, backups, noise, s, num_data)
     plan, table = served
