@@ -437,6 +437,38 @@ def op_matrix(tb: Any, torch: Any, dtypes: Iterable[str] = DTYPES) -> list[OpMat
         matrices.append(OpMatrix("ema_residual_", dict(
             dtype=dtypes, aligned=aligns, updated=(True, False), grad_scale=(False, True),
             skip=(False, True)), ema_call))
+
+    # BSAM's three ops (sam_fast/bsam_ops.py, kernels/bsam.py); the noise is fp32 whatever
+    # the group's dtype.
+    if "bsam_noise_" in tb.OPS:
+        def noise_call(case: dict, n: int) -> None:
+            p, b, s = lists(case, n, 3)
+            (z,) = lists(dict(case, dtype="float32"), n, 1)
+            tb.OPS["bsam_noise_"](p, b, z, s, 1000.0)
+
+        matrices.append(OpMatrix("bsam_noise_", dict(dtype=dtypes, aligned=aligns),
+                                 noise_call))
+
+        def ascent_call(case: dict, n: int) -> None:
+            p, b, g, s, gs = lists(case, n, 5)
+            tb.OPS["bsam_ascent_"](p, b, g, s, gs, 0.05,
+                                   scalar(1024.0) if case["grad_scale"] else None,
+                                   scalar(0.0) if case["skip"] else None)
+
+        matrices.append(OpMatrix("bsam_ascent_", dict(
+            dtype=dtypes, aligned=aligns, grad_scale=(False, True), skip=(False, True)),
+            ascent_call))
+
+        def bsam_update_call(case: dict, n: int) -> None:
+            p, b, g, m, s, gs = lists(case, n, 6)
+            tb.OPS["bsam_update_"](p, b, g, m, s, gs, 0.5, 0.9, 0.999, 1e-4, 0.1,
+                                   case["new_s"],
+                                   scalar(1024.0) if case["grad_scale"] else None,
+                                   scalar(0.0) if case["skip"] else None)
+
+        matrices.append(OpMatrix("bsam_update_", dict(
+            dtype=dtypes, aligned=aligns, new_s=(True, False), grad_scale=(False, True),
+            skip=(False, True)), bsam_update_call))
     return matrices
 
 
