@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import bsam_ops, dispatch, distributed, ops
-from .family import _check_rng, _finite_float
+from .family import _check_rng, _device_generator, _finite_float
 from .wrapper import BACKENDS, _eager
 
 __all__ = ["BSAM"]
@@ -174,14 +174,7 @@ class BSAM(Optimizer):
     # -- layout and random numbers ------------------------------------------------------------
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device)
-            index = 0 if device.index is None else device.index + 1
-            gen.manual_seed((self._seed + 7919 * index) % 2**63)
-            self._generators[key] = gen
-        return gen
+        return _device_generator(self._generators, self._seed, device)
 
     def _layout(self) -> tuple[list[_Bucket], list[tuple[torch.device, Tensor]]]:
         """The buckets and the per-device fp32 noise buffers, built once per layout."""

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import distributed, ops
-from .family import _check_rng, _finite_float
+from .family import _check_rng, _device_generator, _finite_float
 from .sam import SAM
 from .wrapper import _eager, check_group_options
 
@@ -151,14 +151,7 @@ class ESAM(SAM):
     # -- random numbers -------------------------------------------------------------------
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device)
-            index = 0 if device.index is None else device.index + 1
-            gen.manual_seed((self._seed + 7919 * index) % 2**63)
-            self._generators[key] = gen
-        return gen
+        return _device_generator(self._generators, self._seed, device)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]

@@ -58,6 +58,20 @@ def _check_rng(seed: Any, generator: Any) -> None:
             raise TypeError("pass seed= or generator=, not both")
 
 
+def _device_generator(generators: dict[str, torch.Generator], seed: int,
+                      device: torch.device) -> torch.Generator:
+    """ESAM's and BSAM's generator for ``device``, made on first use from ``seed`` (offset
+    per device index, so that devices draw different numbers) and kept in ``generators``."""
+    key = str(device)
+    gen = generators.get(key)
+    if gen is None:
+        gen = torch.Generator(device)
+        index = 0 if device.index is None else device.index + 1
+        gen.manual_seed((seed + 7919 * index) % 2**63)
+        generators[key] = gen
+    return gen
+
+
 def _alias(kwargs: dict[str, Any], ours: str, theirs: str, value: Any, default: Any) -> Any:
     """``ours=`` or ``pytorch-optimizer``'s ``theirs=`` (not both)."""
     if theirs in kwargs:
