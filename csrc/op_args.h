@@ -7,10 +7,6 @@
 // a library of their own (sam_fast/_extension.py), which needs this too.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
-#include <c10/util/SmallVector.h>
-
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -18,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "api.h"
 #include "elementwise.h"
 
 namespace sam_fast {
@@ -28,15 +25,15 @@ namespace sam_fast {
 // when that is not the group's (the first list's): BSAM's fp32 noise.
 struct ListSpec {
   const char* name;
-  at::TensorList tensors;
+  TensorList tensors;
   bool read;
   bool written;
-  at::ScalarType dtype = at::ScalarType::Undefined;  // Undefined: the group's dtype
+  ScalarType dtype = kUndefined;  // Undefined: the group's dtype
 };
 
 // Strides that agree wherever they matter (dimensions of size > 1): then
 // element k of one tensor's memory is element k of the other's.
-inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+inline bool same_layout(const Tensor& a, const Tensor& b) {
   if (a.dim() != b.dim()) return false;
   for (int64_t d = 0; d < a.dim(); ++d) {
     if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
@@ -59,64 +56,65 @@ class FlatLists {
   // only staged temporaries are kept.
   FlatLists(std::initializer_list<ListSpec> specs, const char* op)
       : specs_(specs.begin(), specs.end()) {
-    TORCH_CHECK(specs.size() > 0, op, ": no tensor lists");
+    SAM_FAST_CHECK(specs.size() > 0, op, ": no tensor lists");
     const auto& lead = specs_[0].tensors;
     const size_t n = lead.size();
     ptrs_.resize(specs_.size());
     for (size_t k = 0; k < specs_.size(); ++k) {
       const size_t len = specs_[k].tensors.size();
-      TORCH_CHECK(len == n || (len == 0 && k > 0), op, ": ", specs_[k].name, " has ", len,
+      SAM_FAST_CHECK(len == n || (len == 0 && k > 0), op, ": ", specs_[k].name, " has ", len,
                   " tensors but ", specs_[0].name, " has ", n);
       if (len > 0) ptrs_[k].reserve(n);
     }
     numel_.reserve(n);
     index_.reserve(n);
     for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& ref = lead[i];
-      TORCH_CHECK(ref.defined(), op, ": ", specs_[0].name, "[", i, "] is undefined");
+      const Tensor& ref = lead[i];
+      SAM_FAST_CHECK(ref.defined(), op, ": ", specs_[0].name, "[", i, "] is undefined");
       if (i == 0) {
         device_ = ref.device();
         dtype_ = ref.scalar_type();
       }
-      TORCH_CHECK(ref.device() == device_, op, ": ", specs_[0].name, "[", i, "] is on ",
-                  ref.device(), " but ", specs_[0].name, "[0] is on ", device_,
+      SAM_FAST_CHECK(ref.device() == device_, op, ": ", specs_[0].name, "[", i, "] is on ",
+                  device_str(ref.device()), " but ", specs_[0].name, "[0] is on ", device_str(device_),
                   "; call the op once per device");
-      TORCH_CHECK(ref.scalar_type() == dtype_, op, ": ", specs_[0].name, "[", i, "] is ",
+      SAM_FAST_CHECK(ref.scalar_type() == dtype_, op, ": ", specs_[0].name, "[", i, "] is ",
                   ref.scalar_type(), " but ", specs_[0].name, "[0] is ", dtype_,
                   "; call the op once per dtype");
       if (ref.numel() == 0) continue;
       const bool ref_contiguous = ref.is_contiguous();
-      const bool ref_dense = ref_contiguous || ref.is_non_overlapping_and_dense();
+      const bool ref_dense = ref_contiguous || is_dense(ref);
       for (size_t k = 0; k < specs_.size(); ++k) {
         const ListSpec& spec = specs_[k];
         if (spec.tensors.empty()) continue;
-        const at::Tensor& t = spec.tensors[i];
-        const at::ScalarType want =
-            spec.dtype == at::ScalarType::Undefined ? dtype_ : spec.dtype;
+        const Tensor& t = spec.tensors[i];
+        const ScalarType want =
+            spec.dtype == kUndefined ? dtype_ : spec.dtype;
         // The first list's tensor is ref itself, checked above.
         if (k > 0) {
-          TORCH_CHECK(t.defined(), op, ": ", spec.name, "[", i, "] is undefined");
-          TORCH_CHECK(t.device() == device_, op, ": ", spec.name, "[", i, "] is on ",
-                      t.device(), " but ", specs_[0].name, "[", i, "] is on ", device_);
-          if (spec.dtype == at::ScalarType::Undefined) {
-            TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", spec.name, "[", i, "] is ",
+          SAM_FAST_CHECK(t.defined(), op, ": ", spec.name, "[", i, "] is undefined");
+          SAM_FAST_CHECK(t.device() == device_, op, ": ", spec.name, "[", i, "] is on ",
+                      device_str(t.device()), " but ", specs_[0].name, "[", i, "] is on ",
+                      device_str(device_));
+          if (spec.dtype == kUndefined) {
+            SAM_FAST_CHECK(t.scalar_type() == dtype_, op, ": ", spec.name, "[", i, "] is ",
                         t.scalar_type(), " but ", specs_[0].name, "[", i, "] is ", dtype_,
                         "; every list of a group must share the parameters' dtype");
           } else {
-            TORCH_CHECK(t.scalar_type() == want, op, ": ", spec.name, "[", i, "] is ",
+            SAM_FAST_CHECK(t.scalar_type() == want, op, ": ", spec.name, "[", i, "] is ",
                         t.scalar_type(), "; the kernels take ", want, " ", spec.name);
           }
-          TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", spec.name, "[", i, "] has shape ",
-                      t.sizes(), " but ", specs_[0].name, "[", i, "] has ", ref.sizes());
+          SAM_FAST_CHECK(same_sizes(t, ref), op, ": ", spec.name, "[", i, "] has shape ",
+                      shape_str(t), " but ", specs_[0].name, "[", i, "] has ", shape_str(ref));
         }
         // Both contiguous (the usual case): the same layout, and a contiguous
         // tensor has no elements sharing memory, so neither check is needed.
         const bool direct =
             k == 0 ? ref_dense
                    : (ref_contiguous && t.is_contiguous()) ||
-                         (ref_dense && t.is_non_overlapping_and_dense() && same_layout(t, ref));
+                         (ref_dense && is_dense(t) && same_layout(t, ref));
         if (spec.written && !direct) {
-          TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", spec.name,
+          SAM_FAST_CHECK(!has_internal_overlap(t), op, ": ", spec.name,
                       "[", i, "] has elements that share memory (an expanded view?); it "
                       "cannot be written in place");
         }
@@ -127,10 +125,8 @@ class FlatLists {
                                           : const_cast<void*>(t.const_data_ptr()));
           continue;
         }
-        const auto options = ref.options().dtype(want);
-        at::Tensor flat = ref_dense ? at::empty_strided(ref.sizes(), ref.strides(), options)
-                                    : at::empty(ref.sizes(), options);
-        if (spec.read) flat.copy_(t);
+        Tensor flat = staging_like(ref, want, ref_dense);
+        if (spec.read) copy_into(flat, t);
         if (spec.written) write_back_.emplace_back(t, flat);
         ptrs_[k].push_back(flat.mutable_data_ptr());
         staged_.push_back(std::move(flat));
@@ -142,7 +138,7 @@ class FlatLists {
 
   // Copies staged outputs back into the caller's tensors.
   void finish() {
-    for (auto& [dst, src] : write_back_) dst.copy_(src);
+    for (auto& [dst, src] : write_back_) copy_into(dst, src);
     write_back_.clear();
   }
 
@@ -155,24 +151,24 @@ class FlatLists {
   int64_t index(size_t j) const { return index_[j]; }
   // Data pointers of list k, one per non-empty tensor (empty when the list is absent).
   const std::vector<void*>& ptrs(size_t k) const { return ptrs_[k]; }
-  at::ScalarType dtype() const { return dtype_; }
-  at::Device device() const { return device_; }
+  ScalarType dtype() const { return dtype_; }
+  Device device() const { return device_; }
 
  private:
-  c10::SmallVector<ListSpec, 6> specs_;
-  c10::SmallVector<std::vector<void*>, 6> ptrs_;
+  SmallVec<ListSpec, 6> specs_;
+  SmallVec<std::vector<void*>, 6> ptrs_;
   std::vector<int64_t> numel_;
   std::vector<int64_t> index_;
-  std::vector<at::Tensor> staged_;
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
-  at::Device device_{at::kCPU};
-  at::ScalarType dtype_{at::kFloat};
+  std::vector<Tensor> staged_;
+  std::vector<std::pair<Tensor, Tensor>> write_back_;
+  Device device_ = cpu_device();
+  ScalarType dtype_{kFloat};
 };
 
 // The storage dtypes the compiled kernels handle (fp64 groups stay with the
 // torch backend: see sam_fast/_compiled_ops.py).
-inline void check_storage_dtype(at::ScalarType dtype, const char* op) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+inline void check_storage_dtype(ScalarType dtype, const char* op) {
+  SAM_FAST_CHECK(dtype == kFloat || dtype == kHalf || dtype == kBFloat16, op,
               ": the compiled kernels take float32, float16 and bfloat16 tensors, got ", dtype,
               " (the Python backends hand float64 groups to the torch backend)");
 }
@@ -180,9 +176,9 @@ inline void check_storage_dtype(at::ScalarType dtype, const char* op) {
 // A one-element device scalar (grad_scale, found_inf) as fp32 on `device`.
 // Already there in fp32 it is used as is: no copy, no host sync (and no view:
 // the kernels read the one element at its data pointer, whatever its shape).
-inline at::Tensor scalar_on(const at::Tensor& s, at::Device device, const char* what) {
-  TORCH_CHECK(s.numel() == 1, what, " must hold one element, got shape ", s.sizes());
-  return s.to(device, at::kFloat);
+inline Tensor scalar_on(const Tensor& s, Device device, const char* what) {
+  SAM_FAST_CHECK(s.numel() == 1, what, " must hold one element, got shape ", shape_str(s));
+  return to_device(s, device, kFloat);
 }
 
 // What perturb_ / sampa_points_ derive their scale from: the global sum of
@@ -191,21 +187,21 @@ inline at::Tensor scalar_on(const at::Tensor& s, at::Device device, const char* 
 // torch backend's grad_scale.to(norm)). Already there, they are used as they
 // are: no copy, no host sync.
 struct ScaleInputs {
-  at::Tensor sumsq;
-  std::optional<at::Tensor> grad_scale;
+  Tensor sumsq;
+  std::optional<Tensor> grad_scale;
   bool is_double;
 };
 
-inline ScaleInputs scale_inputs(const at::Tensor& sumsq,
-                                const std::optional<at::Tensor>& grad_scale, at::Device device) {
-  TORCH_CHECK(sumsq.numel() == 1, "sumsq must hold one element, got shape ", sumsq.sizes());
-  const bool is_double = sumsq.scalar_type() == at::kDouble;
-  const at::ScalarType acc = is_double ? at::kDouble : at::kFloat;
-  ScaleInputs in{sumsq.to(device, acc), std::nullopt, is_double};
+inline ScaleInputs scale_inputs(const Tensor& sumsq,
+                                const std::optional<Tensor>& grad_scale, Device device) {
+  SAM_FAST_CHECK(sumsq.numel() == 1, "sumsq must hold one element, got shape ", shape_str(sumsq));
+  const bool is_double = sumsq.scalar_type() == kDouble;
+  const ScalarType acc = is_double ? kDouble : kFloat;
+  ScaleInputs in{to_device(sumsq, device, acc), std::nullopt, is_double};
   if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
-                grad_scale->sizes());
-    in.grad_scale = grad_scale->to(device, acc);
+    SAM_FAST_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
+                shape_str(*grad_scale));
+    in.grad_scale = to_device(*grad_scale, device, acc);
   }
   return in;
 }
@@ -248,25 +244,25 @@ inline AdamCoeffs make_adam_coeffs(double lr, double beta1, double beta2, double
 // Host-resident step counters: bump each by one (the caller has already
 // decided the step is not skipped) and return its bias corrections, computed
 // in double from the new count as torch.optim.Adam does on the host.
-inline std::vector<AdamStepScalars> bump_host_steps(at::TensorList steps, const FlatLists& lists,
+inline std::vector<AdamStepScalars> bump_host_steps(TensorList steps, const FlatLists& lists,
                                                     double lr, double beta1, double beta2) {
   std::vector<AdamStepScalars> out;
   out.reserve(lists.size());
   std::vector<double> counts(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.numel() == 1, "restore_adamw_: state_steps[", i, "] must hold one element");
+    const Tensor& s = steps[i];
+    SAM_FAST_CHECK(s.numel() == 1, "restore_adamw_: state_steps[", i, "] must hold one element");
     double c;
-    if (s.scalar_type() == at::kFloat) {
-      float* p = s.data_ptr<float>();
+    if (s.scalar_type() == kFloat) {
+      float* p = s.mutable_data_ptr<float>();
       *p = *p + 1.0f;
       c = *p;
-    } else if (s.scalar_type() == at::kDouble) {
-      double* p = s.data_ptr<double>();
+    } else if (s.scalar_type() == kDouble) {
+      double* p = s.mutable_data_ptr<double>();
       *p = *p + 1.0;
       c = *p;
     } else {
-      TORCH_CHECK(false, "restore_adamw_: state_steps[", i, "] is ", s.scalar_type(),
+      SAM_FAST_CHECK(false, "restore_adamw_: state_steps[", i, "] is ", s.scalar_type(),
                   "; Adam's step counters are float32 or float64");
     }
     counts[i] = c;
@@ -289,13 +285,13 @@ inline std::vector<AdamStepScalars> bump_host_steps(at::TensorList steps, const 
 }
 
 // Where the step counters live: all on the host, or all on `device`.
-inline bool steps_on_host(at::TensorList steps, at::Device device) {
-  TORCH_CHECK(steps.size() > 0, "restore_adamw_: state_steps is empty");
+inline bool steps_on_host(TensorList steps, Device device) {
+  SAM_FAST_CHECK(steps.size() > 0, "restore_adamw_: state_steps is empty");
   const bool host = steps[0].device().is_cpu();
   for (size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK(steps[i].device().is_cpu() == host && (host || steps[i].device() == device),
-                "restore_adamw_: state_steps must all be on the host or all on ", device,
-                "; state_steps[", i, "] is on ", steps[i].device());
+    SAM_FAST_CHECK(steps[i].device().is_cpu() == host && (host || steps[i].device() == device),
+                "restore_adamw_: state_steps must all be on the host or all on ", device_str(device),
+                "; state_steps[", i, "] is on ", device_str(steps[i].device()));
   }
   return host;
 }

@@ -33,6 +33,11 @@ _OPS = ("grad_sumsq", "perturb_", "restore_", "restore_sgd_", "restore_adamw_",
         "sampa_points_", "sampa_update_", "dot_sumsq", "combine_", "ema_residual_",
         "bsam_noise_", "bsam_ascent_", "bsam_update_")
 
+# The portable library's stable-ABI target (setup.py's STABLE_TARGET): the oldest torch
+# it loads in.
+STABLE_TARGET = (2, 10)
+ABI_CHOICES = ("auto", "matched", "stable")
+
 _lock = threading.RLock()
 _C: ModuleType | None = None
 _C_reason: str | None = None
@@ -47,36 +52,111 @@ def require_ext() -> bool:
     return os.environ.get("SAM_FAST_REQUIRE_EXT", "0") == "1"
 
 
+def abi_choice() -> str:
+    """``SAM_FAST_ABI``: "auto" (default: the version-matched library when it was built
+    for this torch, else the portable one), "matched" or "stable" (only that one)."""
+    choice = os.environ.get("SAM_FAST_ABI", "auto")
+    if choice not in ABI_CHOICES:
+        raise ValueError(f"SAM_FAST_ABI={choice!r}; expected one of {ABI_CHOICES}")
+    return choice
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _built() -> tuple[str | None, bool | None]:
+    """What setup.py last built here (sam_fast/_built.py): the torch the version-matched
+    library was built for (None: not built) and whether the portable one was; (None,
+    None) when the file is missing (an installation from before it existed)."""
+    try:
+        built = importlib.import_module("sam_fast._built")
+    except ImportError:
+        return None, None
+    return getattr(built, "MATCHED_TORCH", None), bool(getattr(built, "PORTABLE", False))
+
+
+def _load_matched(matched_torch: str | None) -> tuple[ModuleType | None, str | None]:
+    # Decided before the import: a library imported is registered for good, and a
+    # version-matched one loaded into another torch can crash rather than raise.
+    if matched_torch is not None and matched_torch.split("+")[0] != torch.__version__.split("+")[0]:
+        return None, (f"sam_fast._C was built for torch {matched_torch} but this is torch "
+                      f"{torch.__version__}")
+    try:
+        module = importlib.import_module("sam_fast._C")
+    except ImportError as exc:
+        return None, _explain_import_error(exc, "sam_fast._C")
+    built = getattr(module, "torch_version", "")
+    if built and built.split("+")[0] != torch.__version__.split("+")[0]:
+        return None, (f"sam_fast._C was built for torch {built} but this is torch "
+                      f"{torch.__version__}; rebuild sam_fast")
+    return module, None
+
+
+def _load_portable() -> tuple[ModuleType | None, str | None]:
+    if _release(torch.__version__) < STABLE_TARGET:
+        return None, (f"this torch ({torch.__version__}) predates {STABLE_TARGET[0]}."
+                      f"{STABLE_TARGET[1]}, the oldest torch the portable sam_fast._C_stable "
+                      "serves")
+    try:
+        module = importlib.import_module("sam_fast._C_stable")
+    except ImportError as exc:
+        return None, _explain_import_error(exc, "sam_fast._C_stable")
+    from . import _stable
+
+    _stable.register(_OPS)
+    return module, None
+
+
 def load() -> ModuleType | None:
-    """Import ``sam_fast._C`` once (and its fake implementations); None when it is missing."""
+    """Import the compiled library once (and its fake implementations): ``sam_fast._C``
+    when it was built for this torch, else ``sam_fast._C_stable`` (torch 2.10 and later);
+    None when neither can serve."""
     global _C, _C_reason, _loaded
     with _lock:
         if _loaded:
             return _C
         _loaded = True
-        try:
-            _C = importlib.import_module("sam_fast._C")
-        except ImportError as exc:
-            _C_reason = _explain_import_error(exc)
-        else:
-            built = getattr(_C, "torch_version", "")
-            if built and built.split("+")[0] != torch.__version__.split("+")[0]:
-                _C_reason = (f"sam_fast._C was built for torch {built} but this is torch "
-                             f"{torch.__version__}; rebuild sam_fast")
-                _C = None
-            else:
-                from . import _fake  # noqa: F401  (registers the fake implementations)
+        choice = abi_choice()
+        matched_torch, portable = _built()
+        reasons = []
+        if choice in ("auto", "matched") and (matched_torch is not None or portable is None):
+            _C, reason = _load_matched(matched_torch)
+            if reason:
+                reasons.append(reason)
+        if _C is None and choice in ("auto", "stable") and portable is not False:
+            _C, reason = _load_portable()
+            if reason:
+                reasons.append(reason)
+        if _C is not None:
+            from . import _fake  # noqa: F401  (registers the fake implementations)
+        elif not reasons:
+            reasons.append(_NOT_BUILT if choice == "auto" else
+                           f"SAM_FAST_ABI={choice} but that library was not built here")
+        _C_reason = None if _C is not None else "; ".join(reasons)
         if _C is None and require_ext():
             raise ImportError(f"SAM_FAST_REQUIRE_EXT=1 but {_C_reason}")
         return _C
 
 
-def _explain_import_error(exc: ImportError) -> str:
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "sam_fast._C":
-        return ("sam_fast._C is not built (installed without a compiler, with SAM_FAST_NO_EXT=1, "
-                "or with build isolation and no torch to build against: reinstall with "
-                "`pip install --no-build-isolation .`)")
-    return f"sam_fast._C failed to load: {exc}"
+def abi() -> str | None:
+    """Which library serves the cpp backend: "matched", "stable" or None."""
+    module = load()
+    if module is None:
+        return None
+    return getattr(module, "abi", "matched")
+
+
+_NOT_BUILT = ("sam_fast._C is not built (installed without a compiler, with SAM_FAST_NO_EXT=1, "
+              "or with build isolation and no torch to build against: reinstall with "
+              "`pip install --no-build-isolation .`)")
+
+
+def _explain_import_error(exc: ImportError, name: str) -> str:
+    if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+        return _NOT_BUILT if name == "sam_fast._C" else f"{name} is not built"
+    return f"{name} failed to load: {exc}"
 
 
 def cpp_reason() -> str | None:
@@ -187,12 +267,16 @@ def warn_once(backend: str, reason: str) -> None:
 
 
 def build_info() -> dict[str, Any]:
-    """What ``sam_fast._C`` was built with (empty when it is missing)."""
+    """What the loaded library was built with (empty when none is loaded): its ABI
+    ("matched": this torch only; "stable": every torch from ``target_version`` on), the
+    torch whose headers it was compiled with, CUDA, architectures, compilers."""
     module = load()
     if module is None:
         return {}
-    info = {key: getattr(module, key, None)
-            for key in ("torch_version", "cuda_version", "cuda_arch_list", "compiler")}
+    info = {"abi": abi(), "module": module.__name__}
+    info.update({key: getattr(module, key, None)
+                 for key in ("torch_version", "cuda_version", "cuda_arch_list", "compiler")})
+    info["target_version"] = getattr(module, "target_version", None) or info["torch_version"]
     info["with_cuda"] = bool(getattr(module, "with_cuda", 0))
     info["path"] = getattr(module, "__file__", None)
     if _jit_info is not None:

@@ -1,13 +1,11 @@
 // CPU implementations of the sam_fast ops (the "cpp" backend).
 //
 // Every op is one fused pass over all the tensors of a group: the tensors are
-// cut into chunks of kChunk elements, and at::parallel_for hands chunks of
+// cut into chunks of kChunk elements, and parallel_for hands chunks of
 // *all* tensors to the intra-op threads, so a model of many small tensors
 // keeps every core busy, unlike a per-parameter loop. The inner loops run over
 // plain contiguous arrays with restrict pointers, so the compiler vectorizes
 // them; the per-element math is csrc/elementwise.h, shared with CUDA.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -18,6 +16,10 @@
 #include "../bsam.h"
 #include "../family.h"
 #include "../op_args.h"
+
+#ifndef SAM_FAST_STABLE
+#include <torch/library.h>
+#endif
 
 namespace sam_fast::cpu {
 namespace {
@@ -53,7 +55,7 @@ void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total, const F& f)
     for (size_t c = 0; c < chunks.size(); ++c) f(static_cast<int64_t>(c), chunks[c]);
     return;
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) f(c, chunks[c]);
   });
 }
@@ -80,17 +82,17 @@ inline T st(float v) {
 
 // Calls f.template operator()<T>() for the storage dtype of the group.
 template <typename F>
-void dispatch_storage(at::ScalarType dtype, const char* op, const F& f) {
+void dispatch_storage(ScalarType dtype, const char* op, const F& f) {
   check_storage_dtype(dtype, op);
   switch (dtype) {
-    case at::kFloat:
+    case kFloat:
       f(float{});
       break;
-    case at::kHalf:
-      f(at::Half{});
+    case kHalf:
+      f(Half{});
       break;
     default:
-      f(at::BFloat16{});
+      f(BFloat16{});
       break;
   }
 }
@@ -107,8 +109,8 @@ void with_flag(bool b, const F& f) {
   }
 }
 
-float host_scalar(const at::Tensor& s, const char* what) {
-  return scalar_on(s, at::kCPU, what).item<float>();
+float host_scalar(const Tensor& s, const char* what) {
+  return item<float>(scalar_on(s, cpu_device(), what));
 }
 
 // The perturbation's scale (elementwise.h: scale_from_norm), derived on the
@@ -125,23 +127,23 @@ float host_scalar(const at::Tensor& s, const char* what) {
 // of the chain (+, 1/x, *) is IEEE in ATen's CPU kernels as here.
 template <typename Acc>
 Acc scale_on_host(const ScaleInputs& in, double rho, double eps, bool normalize) {
-  const Acc sumsq = *in.sumsq.data_ptr<Acc>();
+  const Acc sumsq = *in.sumsq.const_data_ptr<Acc>();
   Acc norm = Acc(0);
   if (normalize) {
     if constexpr (std::is_same_v<Acc, float>) {
       norm = std::sqrt(sumsq);
     } else {
-      norm = at::sqrt(in.sumsq).item<Acc>();
+      norm = item<Acc>(sqrt_of(in.sumsq));
     }
   }
-  const Acc* gs = in.grad_scale ? in.grad_scale->data_ptr<Acc>() : nullptr;
+  const Acc* gs = in.grad_scale ? in.grad_scale->const_data_ptr<Acc>() : nullptr;
   return scale_from_norm<Acc>(norm, is_finite(sumsq), static_cast<Acc>(rho),
                               static_cast<Acc>(eps), normalize, gs);
 }
 
-float derive_scale(const at::Tensor& sumsq, double rho, double eps, bool normalize,
-                   const std::optional<at::Tensor>& grad_scale) {
-  const ScaleInputs in = scale_inputs(sumsq, grad_scale, at::kCPU);
+float derive_scale(const Tensor& sumsq, double rho, double eps, bool normalize,
+                   OptTensorArg grad_scale) {
+  const ScaleInputs in = scale_inputs(sumsq, grad_scale, cpu_device());
   if (in.is_double) return static_cast<float>(scale_on_host<double>(in, rho, eps, normalize));
   return scale_on_host<float>(in, rho, eps, normalize);
 }
@@ -184,8 +186,8 @@ float chunk_sumsq(const T* __restrict g, const T* __restrict w, int64_t n, bool 
   return acc[0];
 }
 
-at::Tensor grad_sumsq(at::TensorList grads, at::TensorList params, double eta) {
-  TORCH_CHECK(grads.size() > 0, "grad_sumsq needs at least one tensor");
+Tensor grad_sumsq(ListArg grads, ListArg params, double eta) {
+  SAM_FAST_CHECK(grads.size() > 0, "grad_sumsq needs at least one tensor");
   const bool weighted = !params.empty();
   FlatLists lists({{"grads", grads, true, false}, {"params", params, true, false}},
                   "grad_sumsq");
@@ -205,7 +207,9 @@ at::Tensor grad_sumsq(at::TensorList grads, at::TensorList params, double eta) {
   });
   double sum = 0.0;
   for (float p : partial) sum += p;
-  return at::scalar_tensor(static_cast<float>(sum), at::TensorOptions().dtype(at::kFloat));
+  Tensor out = empty_scalar(kFloat, cpu_device());
+  *out.mutable_data_ptr<float>() = static_cast<float>(sum);
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -222,9 +226,9 @@ void perturb_range(T* __restrict w, const T* __restrict g, T* __restrict b, int6
   }
 }
 
-void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
-              const at::Tensor& sumsq, double rho, double eps, bool normalize,
-              std::optional<double> eta, const std::optional<at::Tensor>& grad_scale) {
+void perturb_(ListArg params, ListArg grads, ListArg backups,
+              const Tensor& sumsq, double rho, double eps, bool normalize,
+              std::optional<double> eta, OptTensorArg grad_scale) {
   FlatLists lists({{"params", params, true, true},
                    {"grads", grads, true, false},
                    {"backups", backups, false, true}},
@@ -249,7 +253,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
 // restore_: w <- backup, bit for bit (a byte copy).
 
 void copy_lists(const FlatLists& lists, size_t dst, size_t src) {
-  const size_t elem = c10::elementSize(lists.dtype());
+  const size_t elem = element_size(lists.dtype());
   const auto chunks = chunks_of(lists);
   for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& c) {
     char* d = static_cast<char*>(lists.ptrs(dst)[c.tensor]) + c.begin * elem;
@@ -258,7 +262,7 @@ void copy_lists(const FlatLists& lists, size_t dst, size_t src) {
   });
 }
 
-void restore_(at::TensorList params, at::TensorList backups) {
+void restore_(ListArg params, ListArg backups) {
   FlatLists lists({{"params", params, false, true}, {"backups", backups, true, false}},
                   "restore_");
   if (lists.empty()) return;
@@ -297,13 +301,13 @@ void with_momentum_flags(const SgdCoeffs& c, const F& f) {
   });
 }
 
-void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                  at::TensorList momentum_buffers, double lr, double momentum, double dampening,
+void restore_sgd_(ListArg params, ListArg backups, ListArg grads,
+                  ListArg momentum_buffers, double lr, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, bool init_buffers,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  OptTensorArg grad_scale,
+                  OptTensorArg found_inf) {
   const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
+  SAM_FAST_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
               "restore_sgd_: momentum != 0 needs momentum_buffers");
   const bool skip = found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0f;
   if (skip) {
@@ -313,7 +317,7 @@ void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList 
   FlatLists lists({{"params", params, false, true},
                    {"backups", backups, true, false},
                    {"grads", grads, true, false},
-                   {"momentum_buffers", has_momentum ? momentum_buffers : at::TensorList(),
+                   {"momentum_buffers", has_momentum ? TensorList(momentum_buffers) : TensorList(),
                     !init_buffers, true}},
                   "restore_sgd_");
   if (lists.empty()) return;
@@ -359,19 +363,19 @@ void restore_adam_range(T* __restrict w, const T* __restrict b, const T* __restr
   }
 }
 
-void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+void restore_adamw_(ListArg params, ListArg backups, ListArg grads,
+                    ListArg exp_avgs, ListArg exp_avg_sqs,
+                    ListArg max_exp_avg_sqs, ListArg state_steps, double lr,
                     double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                     bool maximize, bool decoupled_weight_decay,
-                    const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
+                    OptTensorArg grad_scale,
+                    OptTensorArg found_inf) {
+  SAM_FAST_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
               "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
-  TORCH_CHECK(state_steps.size() == params.size(), "restore_adamw_: state_steps has ",
+  SAM_FAST_CHECK(state_steps.size() == params.size(), "restore_adamw_: state_steps has ",
               state_steps.size(), " tensors but params has ", params.size());
   // CPU parameters keep their step counters on the host (steps_on_host checks).
-  TORCH_CHECK(steps_on_host(state_steps, at::kCPU),
+  SAM_FAST_CHECK(steps_on_host(state_steps, cpu_device()),
               "restore_adamw_: CPU parameters need host step counters");
   if (found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0f) {
     restore_(params, backups);
@@ -382,7 +386,7 @@ void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorLis
                    {"grads", grads, true, false},
                    {"exp_avgs", exp_avgs, true, true},
                    {"exp_avg_sqs", exp_avg_sqs, true, true},
-                   {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList(), true, true}},
+                   {"max_exp_avg_sqs", amsgrad ? TensorList(max_exp_avg_sqs) : TensorList(), true, true}},
                   "restore_adamw_");
   if (!lists.empty()) check_storage_dtype(lists.dtype(), "restore_adamw_");
   const auto scalars = bump_host_steps(state_steps, lists, lr, beta1, beta2);
@@ -426,16 +430,16 @@ void sampa_points_range(T* __restrict w, const T* __restrict gy, const T* __rest
   }
 }
 
-void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList momentum_buffers,
-                   at::TensorList backups, at::TensorList ys, const at::Tensor& sumsq, double rho,
+void sampa_points_(ListArg params, ListArg grads_y, ListArg momentum_buffers,
+                   ListArg backups, ListArg ys, const Tensor& sumsq, double rho,
                    double eps, double lr, double momentum, double dampening, double weight_decay,
                    bool nesterov, bool maximize, bool init_buffers) {
   const bool reads_buffers = momentum != 0.0 && !init_buffers;
-  TORCH_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
+  SAM_FAST_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
               "sampa_points_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, true, true},
                    {"grads_y", grads_y, true, false},
-                   {"momentum_buffers", reads_buffers ? momentum_buffers : at::TensorList(), true,
+                   {"momentum_buffers", reads_buffers ? TensorList(momentum_buffers) : TensorList(), true,
                     false},
                    {"backups", backups, false, true},
                    {"ys", ys, false, true}},
@@ -476,18 +480,18 @@ void sampa_update_range(T* __restrict w, const T* __restrict b, const T* __restr
   }
 }
 
-void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList grads_tilde,
-                   at::TensorList grads_y, at::TensorList momentum_buffers, double lam, double lr,
+void sampa_update_(ListArg params, ListArg backups, ListArg grads_tilde,
+                   ListArg grads_y, ListArg momentum_buffers, double lam, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov,
                    bool maximize, bool init_buffers) {
   const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
+  SAM_FAST_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
               "sampa_update_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, false, true},
                    {"backups", backups, true, false},
                    {"grads_tilde", grads_tilde, true, false},
                    {"grads_y", grads_y, true, false},
-                   {"momentum_buffers", has_momentum ? momentum_buffers : at::TensorList(),
+                   {"momentum_buffers", has_momentum ? TensorList(momentum_buffers) : TensorList(),
                     !init_buffers, true}},
                   "sampa_update_");
   if (lists.empty()) return;
@@ -520,31 +524,31 @@ void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList
 
 // Calls f(T{}) for the group's storage dtype: fp32, fp16, bf16 or fp64.
 template <typename F>
-void dispatch_family(at::ScalarType dtype, const char* op, const F& f) {
+void dispatch_family(ScalarType dtype, const char* op, const F& f) {
   switch (dtype) {
-    case at::kFloat:
+    case kFloat:
       f(float{});
       break;
-    case at::kHalf:
-      f(at::Half{});
+    case kHalf:
+      f(Half{});
       break;
-    case at::kBFloat16:
-      f(at::BFloat16{});
+    case kBFloat16:
+      f(BFloat16{});
       break;
-    case at::kDouble:
+    case kDouble:
       f(double{});
       break;
     default:
-      TORCH_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
+      SAM_FAST_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
                   "got ", dtype);
   }
 }
 
-at::ScalarType family_math_dtype(at::ScalarType storage) {
-  return storage == at::kDouble ? at::kDouble : at::kFloat;
+ScalarType family_math_dtype(ScalarType storage) {
+  return storage == kDouble ? kDouble : kFloat;
 }
 
-void check_family_dtype(at::ScalarType dtype, const char* op) {
+void check_family_dtype(ScalarType dtype, const char* op) {
   dispatch_family(dtype, op, [](auto) {});
 }
 
@@ -635,17 +639,17 @@ Acc ema_residual_chunk(T* __restrict m, T* __restrict g, int64_t n, const EmaCoe
   return fold_lanes(acc);
 }
 
-void check_same_length(at::TensorList first, at::TensorList second, const char* op,
+void check_same_length(ListArg first, ListArg second, const char* op,
                        const char* first_name, const char* second_name) {
-  TORCH_CHECK(second.size() == first.size(), op, ": ", second_name, " has ", second.size(),
+  SAM_FAST_CHECK(second.size() == first.size(), op, ": ", second_name, " has ", second.size(),
               " tensors but ", first_name, " has ", first.size());
 }
 
-at::Tensor dot_sumsq(at::TensorList a, at::TensorList b) {
-  TORCH_CHECK(!a.empty(), "dot_sumsq needs at least one tensor");
+Tensor dot_sumsq(ListArg a, ListArg b) {
+  SAM_FAST_CHECK(!a.empty(), "dot_sumsq needs at least one tensor");
   check_same_length(a, b, "dot_sumsq", "a", "b");
   FlatLists lists({{"a", a, true, false}, {"b", b, true, false}}, "dot_sumsq");
-  at::Tensor out = at::empty({3}, a[0].options().dtype(family_math_dtype(lists.dtype())));
+  Tensor out = empty_1d(3, family_math_dtype(lists.dtype()), a[0].device());
   const auto chunks = chunks_of(lists);
   dispatch_family(lists.dtype(), "dot_sumsq", [&](auto tag) {
     using T = decltype(tag);
@@ -660,25 +664,25 @@ at::Tensor dot_sumsq(at::TensorList a, at::TensorList b) {
     for (size_t ci = 0; ci < chunks.size(); ++ci) {
       for (int j = 0; j < 3; ++j) sums[j] += partial[3 * ci + j];
     }
-    Acc* o = out.data_ptr<Acc>();
+    Acc* o = out.mutable_data_ptr<Acc>();
     for (int j = 0; j < 3; ++j) o[j] = static_cast<Acc>(sums[j]);
   });
   return out;
 }
 
-void combine_(at::TensorList a, at::TensorList b, const at::Tensor& coef) {
+void combine_(ListArg a, ListArg b, const Tensor& coef) {
   check_same_length(a, b, "combine_", "a", "b");
-  TORCH_CHECK(coef.numel() == 2, "combine_: coef must hold two elements, got shape ",
-              coef.sizes());
+  SAM_FAST_CHECK(coef.numel() == 2, "combine_: coef must hold two elements, got shape ",
+              shape_str(coef));
   FlatLists lists({{"a", a, true, true}, {"b", b, true, false}}, "combine_");
   if (lists.empty()) return;
   dispatch_family(lists.dtype(), "combine_", [&](auto tag) {
     using T = decltype(tag);
     using Acc = math_t<T>;
     // Rounded to the math dtype as torch_family does (coef.to(math)).
-    const at::Tensor c = coef.to(at::kCPU, family_math_dtype(lists.dtype())).contiguous();
-    const Acc c0 = c.data_ptr<Acc>()[0];
-    const Acc c1 = c.data_ptr<Acc>()[1];
+    const Tensor c = contiguous_of(to_device(coef, cpu_device(), family_math_dtype(lists.dtype())));
+    const Acc c0 = c.const_data_ptr<Acc>()[0];
+    const Acc c1 = c.const_data_ptr<Acc>()[1];
     const auto chunks = chunks_of(lists);
     for_each_chunk(chunks, total_numel(lists), [&](int64_t, const Chunk& ch) {
       combine_chunk<T, Acc>(at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch),
@@ -688,30 +692,29 @@ void combine_(at::TensorList a, at::TensorList b, const at::Tensor& coef) {
   lists.finish();
 }
 
-at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, double sigma,
-                         bool updated, const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& skip) {
-  TORCH_CHECK(!m.empty(), "ema_residual_ needs at least one tensor");
+Tensor ema_residual_(ListArg m, ListArg g, double decay, double sigma,
+                         bool updated, OptTensorArg grad_scale,
+                         OptTensorArg skip) {
+  SAM_FAST_CHECK(!m.empty(), "ema_residual_ needs at least one tensor");
   check_same_length(m, g, "ema_residual_", "m", "g");
   FlatLists lists({{"m", m, true, true}, {"g", g, true, true}}, "ema_residual_");
   check_family_dtype(lists.dtype(), "ema_residual_");
-  const at::ScalarType math = family_math_dtype(lists.dtype());
-  const auto options = m[0].options().dtype(math);
-  if (skip.has_value()) {
-    TORCH_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", skip->sizes());
+  const ScalarType math = family_math_dtype(lists.dtype());
+    if (skip.has_value()) {
+    SAM_FAST_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", shape_str(*skip));
     // A skipped step writes nothing and reports NaN (a CPU flag: no device sync).
-    if (skip->item<double>() != 0.0) return at::full({}, std::nan(""), options);
+    if (item<double>(*skip) != 0.0) return full_scalar(std::nan(""), math, m[0].device());
   }
-  at::Tensor out = at::empty({}, options);
+  Tensor out = empty_scalar(math, m[0].device());
   dispatch_family(lists.dtype(), "ema_residual_", [&](auto tag) {
     using T = decltype(tag);
     using Acc = math_t<T>;
     EmaCoeffs<Acc> c{static_cast<Acc>(decay), static_cast<Acc>(1.0 - decay),
                      static_cast<Acc>(sigma), Acc(1), updated};
     if (grad_scale.has_value()) {
-      TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
-                  grad_scale->sizes());
-      c.inv_scale = Acc(1) / grad_scale->to(at::kCPU, math).item<Acc>();
+      SAM_FAST_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
+                  shape_str(*grad_scale));
+      c.inv_scale = Acc(1) / item<Acc>(to_device(*grad_scale, cpu_device(), math));
     }
     const auto chunks = chunks_of(lists);
     std::vector<Acc> partial(chunks.size());
@@ -719,7 +722,7 @@ at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, doubl
       partial[ci] = ema_residual_chunk<T, Acc>(at_chunk<T>(lists, 0, ch), at_chunk<T>(lists, 1, ch),
                                                ch.end - ch.begin, c);
     });
-    *out.data_ptr<Acc>() = ordered_sum(partial.data(), partial.size());
+    *out.mutable_data_ptr<Acc>() = ordered_sum(partial.data(), partial.size());
   });
   lists.finish();
   return out;
@@ -753,19 +756,19 @@ std::vector<int64_t> scratch_offsets(const FlatLists& lists) {
 
 // A skip flag read on the host (a CPU tensor: no device sync): set where != 0
 // (NaN included), as the specification's skip != 0.
-bool skip_set(const std::optional<at::Tensor>& skip) {
+bool skip_set(OptTensorArg skip) {
   if (!skip.has_value()) return false;
-  TORCH_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", skip->sizes());
-  return skip->item<double>() != 0.0;
+  SAM_FAST_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", shape_str(*skip));
+  return item<double>(*skip) != 0.0;
 }
 
 // 1 / S in the math dtype (torch.reciprocal of grad_scale.to(math)), or 1.
 template <typename Acc>
-Acc inv_scale_of(const std::optional<at::Tensor>& grad_scale, at::ScalarType math) {
+Acc inv_scale_of(OptTensorArg grad_scale, ScalarType math) {
   if (!grad_scale.has_value()) return Acc(1);
-  TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
-              grad_scale->sizes());
-  return Acc(1) / grad_scale->to(at::kCPU, math).item<Acc>();
+  SAM_FAST_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
+              shape_str(*grad_scale));
+  return Acc(1) / item<Acc>(to_device(*grad_scale, cpu_device(), math));
 }
 
 // bsam_noise_'s chunk cores: the variances 1 / (s N), then backup <- w and
@@ -820,14 +823,14 @@ void bsam_update_chunk(T* __restrict w, const T* __restrict b, const T* __restri
   }
 }
 
-void bsam_noise_(at::TensorList params, at::TensorList backups, at::TensorList noise,
-                 at::TensorList s, double num_data) {
+void bsam_noise_(ListArg params, ListArg backups, ListArg noise,
+                 ListArg s, double num_data) {
   check_same_length(params, backups, "bsam_noise_", "params", "backups");
   check_same_length(params, noise, "bsam_noise_", "params", "noise");
   check_same_length(params, s, "bsam_noise_", "params", "s");
   FlatLists lists({{"params", params, true, true},
                    {"backups", backups, false, true},
-                   {"noise", noise, true, false, at::kFloat},
+                   {"noise", noise, true, false, kFloat},
                    {"s", s, true, false}},
                   "bsam_noise_");
   check_family_dtype(lists.dtype(), "bsam_noise_");
@@ -835,18 +838,18 @@ void bsam_noise_(at::TensorList params, at::TensorList backups, at::TensorList n
   const auto chunks = chunks_of(lists);
   const int64_t total = total_numel(lists);
   const auto offsets = scratch_offsets(lists);
-  const at::ScalarType math = family_math_dtype(lists.dtype());
+  const ScalarType math = family_math_dtype(lists.dtype());
   dispatch_family(lists.dtype(), "bsam_noise_", [&](auto tag) {
     using T = decltype(tag);
     using Acc = math_t<T>;
     const Acc n_acc = static_cast<Acc>(num_data);
-    at::Tensor sigma = at::empty({total}, at::TensorOptions().dtype(math));
-    Acc* sg = sigma.data_ptr<Acc>();
+    Tensor sigma = empty_1d(total, math, cpu_device());
+    Acc* sg = sigma.mutable_data_ptr<Acc>();
     for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
       bsam_variance_chunk<T, Acc>(at_chunk<T>(lists, 3, c), sg + offsets[c.tensor] + c.begin,
                                   c.end - c.begin, n_acc);
     });
-    sigma.sqrt_();
+    sqrt_inplace(sigma);
     for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
       bsam_noise_chunk<T, Acc>(at_chunk<T>(lists, 0, c), at_chunk<T>(lists, 1, c),
                                at_chunk<float>(lists, 2, c), sg + offsets[c.tensor] + c.begin,
@@ -856,10 +859,10 @@ void bsam_noise_(at::TensorList params, at::TensorList backups, at::TensorList n
   lists.finish();
 }
 
-void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                  at::TensorList s, at::TensorList gs, double rho,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& skip) {
+void bsam_ascent_(ListArg params, ListArg backups, ListArg grads,
+                  ListArg s, ListArg gs, double rho,
+                  OptTensorArg grad_scale,
+                  OptTensorArg skip) {
   check_same_length(params, backups, "bsam_ascent_", "params", "backups");
   check_same_length(params, grads, "bsam_ascent_", "params", "grads");
   check_same_length(params, s, "bsam_ascent_", "params", "s");
@@ -868,8 +871,8 @@ void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList 
   // Skipped: w <- backup, gs <- 0 (nothing else read).
   FlatLists lists({{"params", params, false, true},
                    {"backups", backups, true, false},
-                   {"grads", skipped ? at::TensorList() : grads, true, false},
-                   {"s", skipped ? at::TensorList() : s, true, false},
+                   {"grads", skipped ? TensorList() : TensorList(grads), true, false},
+                   {"s", skipped ? TensorList() : TensorList(s), true, false},
                    {"gs", gs, false, true}},
                   "bsam_ascent_");
   check_family_dtype(lists.dtype(), "bsam_ascent_");
@@ -878,7 +881,7 @@ void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList 
   const int64_t total = total_numel(lists);
   if (skipped) {
     copy_lists(lists, 0, 1);
-    const size_t elem = c10::elementSize(lists.dtype());
+    const size_t elem = element_size(lists.dtype());
     for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
       std::memset(static_cast<char*>(lists.ptrs(4)[c.tensor]) + c.begin * elem, 0,
                   (c.end - c.begin) * elem);
@@ -886,19 +889,19 @@ void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList 
     lists.finish();
     return;
   }
-  const at::ScalarType math = family_math_dtype(lists.dtype());
+  const ScalarType math = family_math_dtype(lists.dtype());
   const auto offsets = scratch_offsets(lists);
   dispatch_family(lists.dtype(), "bsam_ascent_", [&](auto tag) {
     using T = decltype(tag);
     using Acc = math_t<T>;
     const BsamAscentCoeffs<Acc> coeffs{static_cast<Acc>(rho), inv_scale_of<Acc>(grad_scale, math)};
-    at::Tensor roots = at::empty({total}, at::TensorOptions().dtype(math));
-    Acc* r = roots.data_ptr<Acc>();
+    Tensor roots = empty_1d(total, math, cpu_device());
+    Acc* r = roots.mutable_data_ptr<Acc>();
     for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
       widen_chunk<T, Acc>(at_chunk<T>(lists, 3, c), r + offsets[c.tensor] + c.begin,
                           c.end - c.begin);
     });
-    roots.sqrt_();
+    sqrt_inplace(roots);
     for_each_chunk(chunks, total, [&](int64_t, const Chunk& c) {
       bsam_ascent_chunk<T, Acc>(at_chunk<T>(lists, 0, c), at_chunk<T>(lists, 1, c),
                                 at_chunk<T>(lists, 2, c), at_chunk<T>(lists, 3, c),
@@ -909,11 +912,11 @@ void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList 
   lists.finish();
 }
 
-void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                  at::TensorList m, at::TensorList s, at::TensorList gs, double lr,
+void bsam_update_(ListArg params, ListArg backups, ListArg grads,
+                  ListArg m, ListArg s, ListArg gs, double lr,
                   double beta1, double beta2, double weight_decay, double damping, bool new_s,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& skip) {
+                  OptTensorArg grad_scale,
+                  OptTensorArg skip) {
   check_same_length(params, backups, "bsam_update_", "params", "backups");
   check_same_length(params, grads, "bsam_update_", "params", "grads");
   check_same_length(params, m, "bsam_update_", "params", "m");
@@ -937,7 +940,7 @@ void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList 
                   "bsam_update_");
   check_family_dtype(lists.dtype(), "bsam_update_");
   if (lists.empty()) return;
-  const at::ScalarType math = family_math_dtype(lists.dtype());
+  const ScalarType math = family_math_dtype(lists.dtype());
   const auto chunks = chunks_of(lists);
   dispatch_family(lists.dtype(), "bsam_update_", [&](auto tag) {
     using T = decltype(tag);
@@ -963,20 +966,28 @@ void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList 
 
 }  // namespace
 
+// The same kernels in either build: TORCH_BOX adapts them to the stable ABI's boxed
+// calling convention (csrc/api.h).
+#ifdef SAM_FAST_STABLE
+#define SAM_FAST_KERNEL(fn) TORCH_BOX(&fn)
+STABLE_TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
+#else
+#define SAM_FAST_KERNEL(fn) &fn
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
-  m.impl("grad_sumsq", &grad_sumsq);
-  m.impl("perturb_", &perturb_);
-  m.impl("restore_", &restore_);
-  m.impl("restore_sgd_", &restore_sgd_);
-  m.impl("restore_adamw_", &restore_adamw_);
-  m.impl("sampa_points_", &sampa_points_);
-  m.impl("sampa_update_", &sampa_update_);
-  m.impl("dot_sumsq", &dot_sumsq);
-  m.impl("combine_", &combine_);
-  m.impl("ema_residual_", &ema_residual_);
-  m.impl("bsam_noise_", &bsam_noise_);
-  m.impl("bsam_ascent_", &bsam_ascent_);
-  m.impl("bsam_update_", &bsam_update_);
+#endif
+  m.impl("grad_sumsq", SAM_FAST_KERNEL(grad_sumsq));
+  m.impl("perturb_", SAM_FAST_KERNEL(perturb_));
+  m.impl("restore_", SAM_FAST_KERNEL(restore_));
+  m.impl("restore_sgd_", SAM_FAST_KERNEL(restore_sgd_));
+  m.impl("restore_adamw_", SAM_FAST_KERNEL(restore_adamw_));
+  m.impl("sampa_points_", SAM_FAST_KERNEL(sampa_points_));
+  m.impl("sampa_update_", SAM_FAST_KERNEL(sampa_update_));
+  m.impl("dot_sumsq", SAM_FAST_KERNEL(dot_sumsq));
+  m.impl("combine_", SAM_FAST_KERNEL(combine_));
+  m.impl("ema_residual_", SAM_FAST_KERNEL(ema_residual_));
+  m.impl("bsam_noise_", SAM_FAST_KERNEL(bsam_noise_));
+  m.impl("bsam_ascent_", SAM_FAST_KERNEL(bsam_ascent_));
+  m.impl("bsam_update_", SAM_FAST_KERNEL(bsam_update_));
 }
 
 }  // namespace sam_fast::cpu

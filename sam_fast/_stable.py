@@ -1,0 +1,86 @@
+"""What the portable library ``sam_fast._C_stable`` cannot register on the stable ABI:
+every op's Autograd and ADInplaceOrView kernels (docs/extension.md, "Two libraries").
+
+The version-matched ``sam_fast._C`` registers these in C++ (csrc/ops.cpp). The ops are
+optimizer updates, not differentiable functions: with grad mode on and an argument
+that requires grad they refuse, instead of silently cutting the graph; below autograd
+they run and then bump the version counter of every tensor their schema marks written,
+lists included (PyTorch's generic fallback only looks at single tensors), so autograd
+notices when a tensor it saved for backward was changed in place. Here the same two
+kernels are Python functions, registered once when the portable library is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_libraries: list[torch.library.Library] = []
+
+
+def _written_positions(schema: torch._C.FunctionSchema) -> tuple[tuple[int, str], ...]:
+    return tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for t in value if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _kernels(name: str):
+    """The two kernels of op ``name``. The op's schema is read at the first call: the
+    SAM family's and BSAM's ops are defined in Python (family_ops.py, bsam_ops.py)
+    after this library is loaded, as the C++ registrations by name allow too."""
+    below_autograd = torch._C._after_autograd_keyset
+    below_inplace = torch._C._after_ADInplaceOrView_keyset
+    resolved: list = []  # [op, argument names, written (position, name) pairs]
+
+    def resolve() -> list:
+        if not resolved:
+            op = getattr(torch.ops.sam_fast, name).default
+            schema = op._schema
+            resolved.extend((op, [a.name for a in schema.arguments],
+                             _written_positions(schema)))
+        return resolved
+
+    def argument(i: int, arg_name: str, args: tuple, kwargs: dict) -> Any:
+        return args[i] if i < len(args) else kwargs.get(arg_name)
+
+    def inplace_or_view(keys, *args, **kwargs):
+        op, _, written = resolve()
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            out = op.redispatch(keys & below_inplace, *args, **kwargs)
+        for i, arg_name in written:
+            for t in _tensors(argument(i, arg_name, args, kwargs)):
+                if not t.is_inference():
+                    torch.autograd.graph.increment_version(t)
+        return out
+
+    def autograd(keys, *args, **kwargs):
+        _, names, _ = resolve()
+        if torch.is_grad_enabled():
+            for i, arg_name in enumerate(names):
+                if any(t.requires_grad for t in _tensors(argument(i, arg_name, args, kwargs))):
+                    raise RuntimeError(
+                        f"{name} is an optimizer update and not differentiable, but its "
+                        f"argument '{arg_name}' requires grad: call it under torch.no_grad()")
+        return inplace_or_view(keys & below_autograd, *args, **kwargs)
+
+    return autograd, inplace_or_view
+
+
+def register(op_names: tuple[str, ...]) -> None:
+    """Registers the two kernels of every op (once per process)."""
+    if _libraries:
+        return
+    lib = torch.library.Library("sam_fast", "IMPL")
+    for op_name in op_names:
+        autograd, inplace_or_view = _kernels(op_name)
+        lib.impl(op_name, autograd, "Autograd", with_keyset=True)
+        lib.impl(op_name, inplace_or_view, "ADInplaceOrView", with_keyset=True)
+    _libraries.append(lib)
