@@ -96,7 +96,8 @@ class BSAM(Optimizer):
         seed / generator: the noise's ``torch.Generator`` (seeded with ``seed``; by default
             a seed drawn once from torch's global generator), one per device; their states
             are in :meth:`state_dict`. Per step one fp32 ``normal_`` per device over its
-            parameters in state-dict order.
+            parameters in state-dict order. Under FSDP2 (DTensor parameters) every rank
+            draws for the whole tensors and keeps its shards' part: one process's noise.
         backend: as for :class:`~sam_fast.SAM`.
 
     State per parameter: ``s`` and ``momentum`` (pytorch-optimizer's names).

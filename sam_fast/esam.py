@@ -95,7 +95,10 @@ class ESAM(SAM):
     are saved by :meth:`state_dict`. ``"element"`` draws, per step, one
     ``bernoulli_(beta)`` per device into a flat fp32 buffer (that device's parameters in
     state-dict order, every parameter whether it has a gradient or not); ``"tensor"`` one
-    ``torch.rand`` of one fp64 number per parameter, on the CPU (no device sync). ``beta = 1`` draws nothing (SAM's step, plus SDS).
+    ``torch.rand`` of one fp64 number per parameter, on the CPU (no device sync). ``beta = 1``
+    draws nothing (SAM's step, plus SDS). Under FSDP2 (DTensor parameters) every rank draws
+    for the whole tensors and keeps its shards' part (one process's mask); ``gamma < 1`` is
+    refused there (SDS would select per rank).
 
     The first gradients are masked in place (``p.grad`` holds ``m * g`` after
     :meth:`first_step`; SAM's step discards it anyway).
