@@ -167,7 +167,9 @@ def restore_sgd_step(opt: Optimizer, group: dict, bucket: Bucket, grads: Sequenc
     cache = bucket.cache
     bufs_all = cache.get("momentum_buffer")
     if bufs_all is None:
-        bufs_all = cache["momentum_buffer"] = [opt.state[p].get("momentum_buffer")
+        # local(): the shards of DTensor buffers (FSDP2), as the ops take; a DTensor buffer
+        # is here after load_state_dict (or a new plan over existing state).
+        bufs_all = cache["momentum_buffer"] = [local(opt.state[p].get("momentum_buffer"))
                                                for p in bucket.params]
         cache["momentum_mismatch"] = _mismatched(bufs_all, bucket.tensors)
     if cache["momentum_mismatch"]:

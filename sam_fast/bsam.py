@@ -24,17 +24,20 @@ _VARIANTS = ("paper", "official")
 
 
 class _Bucket:
-    """One (param group, device, dtype) group: its parameters and flat buffers (backups and
-    the curvature term ``sqrt(s)|g|``), and the fp32 noise views of its parameters."""
+    """One (param group, device, dtype) group: its parameters, their local tensors (the
+    shards of DTensor parameters, which the ops run on; the parameters themselves
+    otherwise), flat buffers shaped like those (backups and the curvature term
+    ``sqrt(s)|g|``), and the fp32 noise views of its parameters."""
 
-    __slots__ = ("group_index", "device", "params", "backups", "gs", "noise")
+    __slots__ = ("group_index", "device", "params", "tensors", "backups", "gs", "noise")
 
     def __init__(self, group_index: int, params: list[Tensor], noise: list[Tensor]) -> None:
         self.group_index = group_index
         self.device = params[0].device
         self.params = params
-        self.backups = _views(params, params[0].dtype)
-        self.gs = _views(params, params[0].dtype)
+        self.tensors = [distributed.local(p) for p in params]
+        self.backups = _views(self.tensors, params[0].dtype)
+        self.gs = _views(self.tensors, params[0].dtype)
         self.noise = noise
 
 
@@ -93,7 +96,8 @@ class BSAM(Optimizer):
         seed / generator: the noise's ``torch.Generator`` (seeded with ``seed``; by default
             a seed drawn once from torch's global generator), one per device; their states
             are in :meth:`state_dict`. Per step one fp32 ``normal_`` per device over its
-            parameters in state-dict order.
+            parameters in state-dict order. Under FSDP2 (DTensor parameters) every rank
+            draws for the whole tensors and keeps its shards' part: one process's noise.
         backend: as for :class:`~sam_fast.SAM`.
 
     State per parameter: ``s`` and ``momentum`` (pytorch-optimizer's names).
@@ -140,7 +144,10 @@ class BSAM(Optimizer):
         _check_group(defaults)
         self.s_init = _finite_float(s_init, "s_init", 0.0, lo_open=True)
         super().__init__(params, defaults)
-        distributed.refuse_sharded((p for g in self.param_groups for p in g["params"]), "BSAM")
+        # DTensor parameters (FSDP2): every rank draws the whole model's noise and takes its
+        # shards' part (exactly one process's draws); placements checked before anything moves.
+        self._sharded = distributed.check_drawable(
+            (p for g in self.param_groups for p in g["params"]), "BSAM")
         for group in self.param_groups:
             _check_group(group)
             for p in group["params"]:
@@ -174,10 +181,12 @@ class BSAM(Optimizer):
     # -- layout and random numbers ------------------------------------------------------------
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        return _device_generator(self._generators, self._seed, device)
+        return _device_generator(self._generators, self._seed, device, self._sharded)
 
     def _layout(self) -> tuple[list[_Bucket], list[tuple[torch.device, Tensor]]]:
-        """The buckets and the per-device fp32 noise buffers, built once per layout."""
+        """The buckets and the per-device fp32 noise buffers, built once per layout. For
+        DTensor parameters a buffer holds the whole tensors' noise (one process's draw) and
+        each parameter's noise is its local shard's part of it."""
         params = [p for g in self.param_groups for p in g["params"]]
         key = (tuple((id(p), p.shape, p.dtype, p.device) for p in params),
                tuple(len(g["params"]) for g in self.param_groups))
@@ -191,9 +200,11 @@ class BSAM(Optimizer):
         flats = []
         for device, ps in by_device.items():
             flat = torch.empty(sum(p.numel() for p in ps), dtype=torch.float32, device=device)
-            views = _views(ps, torch.float32, flat)
+            at = 0
+            for p in ps:
+                noise_of[id(p)] = distributed.shard_of_draw(flat[at:at + p.numel()], p)
+                at += p.numel()
             flats.append((device, flat))
-            noise_of.update({id(p): v for p, v in zip(ps, views)})
         buckets = []
         for gi, group in enumerate(self.param_groups):
             parts: dict[tuple, list[Tensor]] = {}
@@ -203,6 +214,13 @@ class BSAM(Optimizer):
                 buckets.append(_Bucket(gi, ps, [noise_of[id(p)] for p in ps]))
         self._bsam["layout"] = (key, buckets, flats)
         return buckets, flats
+
+    def _locals(self, tensors: list) -> list:
+        """The local shards of DTensors (their storage: what the ops run on); the list as it
+        is without DTensor parameters. ``None`` stays ``None``."""
+        if not self._sharded:
+            return tensors
+        return [distributed.local(t) for t in tensors]
 
     def _state_of(self, p: Tensor) -> tuple[Tensor, Tensor]:
         state = self.state[p]
@@ -235,8 +253,8 @@ class BSAM(Optimizer):
             flat.normal_(generator=self._generator(device))
         for b in buckets:
             bsam_ops.impl("bsam_noise_", self.backend, b.device)(
-                b.params, b.backups, b.noise, [self.state[p]["s"] for p in b.params],
-                self.num_data)
+                b.tensors, b.backups, b.noise,
+                self._locals([self.state[p]["s"] for p in b.params]), self.num_data)
         self._bsam["phase"] = 1
 
     @_eager
@@ -268,14 +286,14 @@ class BSAM(Optimizer):
             have = [i for i, g in enumerate(gs) if g is not None]
             missing = [i for i, g in enumerate(gs) if g is None]
             if missing:  # no gradient at the noisy point: back to w, no curvature term
-                torch._foreach_copy_([b.params[i] for i in missing],
+                torch._foreach_copy_([b.tensors[i] for i in missing],
                                      [b.backups[i] for i in missing])
                 torch._foreach_zero_([b.gs[i] for i in missing])
             if have:
                 pick = (lambda lst: lst) if not missing else (lambda lst: [lst[i] for i in have])
                 bsam_ops.impl("bsam_ascent_", self.backend, b.device)(
-                    pick(b.params), pick(b.backups), pick(gs),
-                    pick([self.state[p]["s"] for p in b.params]), pick(b.gs),
+                    pick(b.tensors), pick(b.backups), pick(self._locals(gs)),
+                    pick(self._locals([self.state[p]["s"] for p in b.params])), pick(b.gs),
                     float(group["rho"]), _on(scale, b.device), _on(skip, b.device))
         self._bsam["skip"] = skip
         self._bsam["phase"] = 2
@@ -304,7 +322,7 @@ class BSAM(Optimizer):
             have = [i for i, g in enumerate(gs) if g is not None]
             if len(have) < len(gs):
                 idle = [i for i, g in enumerate(gs) if g is None]
-                torch._foreach_copy_([b.params[i] for i in idle], [b.backups[i] for i in idle])
+                torch._foreach_copy_([b.tensors[i] for i in idle], [b.backups[i] for i in idle])
             if not have:
                 continue
             if any(gs[i].is_sparse for i in have):
@@ -313,9 +331,9 @@ class BSAM(Optimizer):
                 lambda lst: [lst[i] for i in have])
             beta1, beta2 = group["betas"]
             bsam_ops.impl("bsam_update_", self.backend, b.device)(
-                pick(b.params), pick(b.backups), pick(gs),
-                pick([self.state[p]["momentum"] for p in b.params]),
-                pick([self.state[p]["s"] for p in b.params]), pick(b.gs),
+                pick(b.tensors), pick(b.backups), pick(self._locals(gs)),
+                pick(self._locals([self.state[p]["momentum"] for p in b.params])),
+                pick(self._locals([self.state[p]["s"] for p in b.params])), pick(b.gs),
                 float(group["lr"]), float(beta1), float(beta2), float(group["weight_decay"]),
                 float(group["damping"]), new_s, _on(grad_scale, b.device), _on(skip, b.device))
         self._bsam["phase"] = 0
@@ -332,7 +350,7 @@ class BSAM(Optimizer):
             return
         buckets, _ = self._layout()
         for b in buckets:
-            torch._foreach_copy_(b.params, b.backups)
+            torch._foreach_copy_(b.tensors, b.backups)
         self._bsam["phase"] = 0
         self._bsam["skip"] = None
 

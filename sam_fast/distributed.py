@@ -5,6 +5,9 @@ collective SAMPa's two-sided step uses.
   gradients. The fused ops run on the local shards; only the gradient norm
   needs the other ranks: it is the square root of the sum, over the ranks that
   hold different shards, of the local sums of squares (one small all-reduce).
+  ESAM's and BSAM's random draws per element: every rank draws for the whole
+  tensors, as one process would, and each shard takes its rows' part
+  (:func:`shard_of_draw`).
 - DDP: :func:`local_ascent` makes SAM's first forward/backward skip DDP's
   gradient all-reduce, so each rank climbs along its own gradient.
 """
@@ -36,15 +39,46 @@ def locals_of(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
     return None if tensors is None else [local(t) for t in tensors]
 
 
-def refuse_sharded(params: Iterable[Tensor], who: str) -> None:
+def check_drawable(params: Iterable[Tensor], who: str) -> bool:
     """For optimizers that draw random numbers per element (ESAM's subset, BSAM's noise):
-    on shards they would need each shard's slice of the whole tensor's draw, which is not
-    built yet. Raised at construction, before anything is touched."""
-    if any(map(is_dtensor, params)):
-        raise NotImplementedError(
-            f"{who} does not take FSDP2's sharded (DTensor) parameters yet: its random draw "
-            "per element is not sliced per shard. DistributedDataParallel works (the same "
-            "seed on every rank draws the same numbers)")
+    whether any parameter is a DTensor, after checking that each one's local shard is a
+    block of the whole tensor that :func:`shard_of_draw` can cut out of a draw made for the
+    whole tensor (placements ``Shard(0)``, as FSDP2's, and ``Replicate``). Raised at
+    construction, before anything is touched."""
+    sharded = False
+    for p in params:
+        if not is_dtensor(p):
+            continue
+        sharded = True
+        for placement in p.placements:
+            if type(placement) is Replicate or (type(placement) is Shard and placement.dim == 0):
+                continue
+            raise NotImplementedError(
+                f"{who} takes DTensor parameters sharded along dim 0 (FSDP2's Shard(0)) or "
+                f"replicated, got placements {tuple(p.placements)}: its random draw per element "
+                "is cut out of the whole tensor's draw by rows")
+    return sharded
+
+
+def shard_of_draw(flat: Tensor, p: Tensor) -> Tensor:
+    """The part of ``flat`` (a draw of ``p.numel()`` numbers for the whole tensor ``p``, in
+    row-major order) that ``p``'s local shard holds, as a view shaped like the shard: the
+    draw one process would use for those elements. A plain tensor gets all of it. Uneven
+    and empty shards come from the DTensor's own metadata (its rows' global offset)."""
+    if not is_dtensor(p):
+        return flat.view(p.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(shape) != tuple(p._local_tensor.shape):
+        raise RuntimeError(
+            f"sam_fast: a DTensor parameter's local shard has shape "
+            f"{tuple(p._local_tensor.shape)}, its placements say {tuple(shape)}")
+    whole = flat.view(p.shape)
+    if p.dim() == 0:
+        return whole
+    # Shard(0) / Replicate only (check_drawable): a block of whole rows, contiguous.
+    return whole[offset[0]:offset[0] + shape[0]]
 
 
 def shard_groups(t: Tensor) -> list:

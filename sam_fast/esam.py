@@ -95,7 +95,10 @@ class ESAM(SAM):
     are saved by :meth:`state_dict`. ``"element"`` draws, per step, one
     ``bernoulli_(beta)`` per device into a flat fp32 buffer (that device's parameters in
     state-dict order, every parameter whether it has a gradient or not); ``"tensor"`` one
-    ``torch.rand`` of one fp64 number per parameter, on the CPU (no device sync). ``beta = 1`` draws nothing (SAM's step, plus SDS).
+    ``torch.rand`` of one fp64 number per parameter, on the CPU (no device sync). ``beta = 1``
+    draws nothing (SAM's step, plus SDS). Under FSDP2 (DTensor parameters) every rank draws
+    for the whole tensors and keeps its shards' part (one process's mask); ``gamma < 1`` is
+    refused there (SDS would select per rank).
 
     The first gradients are masked in place (``p.grad`` holds ``m * g`` after
     :meth:`first_step`; SAM's step discards it anyway).
@@ -130,7 +133,17 @@ class ESAM(SAM):
             raise ValueError("swp='tensor' draws on the host: its generator must be a CPU "
                              f"torch.Generator (got one on {generator.device})")
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
-        distributed.refuse_sharded((p for g in self.param_groups for p in g["params"]), "ESAM")
+        # DTensor parameters (FSDP2): every rank draws for the whole model and takes its
+        # shards' part (exactly one process's draws). SDS would select per rank, not over
+        # the whole batch: refused here, before anything is touched.
+        self._sharded = distributed.check_drawable(
+            (p for g in self.param_groups for p in g["params"]), "ESAM")
+        if self._sharded and self.gamma < 1.0:
+            raise NotImplementedError(
+                "ESAM with gamma < 1 (SDS) does not take FSDP2's sharded (DTensor) parameters: "
+                "each rank would keep the sharpest examples of its own part of the batch, not "
+                "of the whole batch, and weight them by its own count, so the step would not "
+                "be one process's. SWP (beta < 1, swp='element' or 'tensor') works under FSDP2")
         self.swp = swp
         if generator is None and seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -151,7 +164,7 @@ class ESAM(SAM):
     # -- random numbers -------------------------------------------------------------------
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        return _device_generator(self._generators, self._seed, device)
+        return _device_generator(self._generators, self._seed, device, self._sharded)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -179,9 +192,10 @@ class ESAM(SAM):
 
     def _element_masks(self) -> list[tuple[torch.device, Tensor, list[Tensor], list[Tensor]]]:
         """Per device: (device, flat fp32 buffer, its parameters, views of the buffer shaped
-        like them), built once per layout. One buffer per device whatever the dtypes, so
-        that the masks drawn do not depend on the storage dtypes (0 and 1 are exact in
-        every dtype)."""
+        like their local tensors), built once per layout. One buffer per device whatever the
+        dtypes, so that the masks drawn do not depend on the storage dtypes (0 and 1 are
+        exact in every dtype). For DTensor parameters the buffer holds the whole tensors'
+        draws (one process's) and each view is its local shard's part of them."""
         params = self._params()
         key = tuple((id(p), p.shape, p.device) for p in params)
         if self._masks is not None and self._masks[0] == key:
@@ -194,7 +208,7 @@ class ESAM(SAM):
             flat = torch.empty(sum(p.numel() for p in ps), dtype=torch.float32, device=device)
             views, at = [], 0
             for p in ps:
-                views.append(flat[at:at + p.numel()].view(p.shape))
+                views.append(distributed.shard_of_draw(flat[at:at + p.numel()], p))
                 at += p.numel()
             out.append((device, flat, ps, views))
         self._masks = (key, out)
@@ -216,7 +230,8 @@ class ESAM(SAM):
         if self.swp == "tensor":
             keep = self._keep()
             self._counter["keep"] = None
-            dropped = [g for g, k in zip(grads, keep) if g is not None and not k]
+            dropped = [distributed.local(g) for g, k in zip(grads, keep)
+                       if g is not None and not k]
             if dropped:
                 # Not perturbed (e = 0) and out of the norm, as the code's missing gradients.
                 torch._foreach_zero_(dropped)
@@ -225,7 +240,8 @@ class ESAM(SAM):
         sumsq = ops.grad_sumsq(present, backend=self.backend)
         for device, flat, ps, views in self._element_masks():
             flat.bernoulli_(self.beta, generator=self._generator(device))
-            pairs = [(p.grad, v) for p, v in zip(ps, views) if p.grad is not None]
+            pairs = [(distributed.local(p.grad), v) for p, v in zip(ps, views)
+                     if p.grad is not None]
             if pairs:
                 torch._foreach_mul_([g for g, _ in pairs], [v for _, v in pairs])
         # SAM's first step takes the norm given only when every gradient is there (it

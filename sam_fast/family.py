@@ -58,16 +58,26 @@ def _check_rng(seed: Any, generator: Any) -> None:
             raise TypeError("pass seed= or generator=, not both")
 
 
+def _device_seed(seed: int, device: torch.device, sharded: bool = False) -> int:
+    """The seed of ESAM's and BSAM's generator on ``device``: ``seed`` offset per device
+    index, so that the devices of one process draw different numbers. ``sharded`` (DTensor
+    parameters: each rank holds one device and draws for the whole model, see
+    :func:`sam_fast.distributed.shard_of_draw`): the seed of index 0 of the device type, so
+    that every rank, whichever ``cuda:r`` it runs on, draws what one process on ``cuda:0``
+    (or the CPU) draws."""
+    index = 0 if device.index is None else (1 if sharded else device.index + 1)
+    return (seed + 7919 * index) % 2**63
+
+
 def _device_generator(generators: dict[str, torch.Generator], seed: int,
-                      device: torch.device) -> torch.Generator:
-    """ESAM's and BSAM's generator for ``device``, made on first use from ``seed`` (offset
-    per device index, so that devices draw different numbers) and kept in ``generators``."""
+                      device: torch.device, sharded: bool = False) -> torch.Generator:
+    """ESAM's and BSAM's generator for ``device``, made on first use (seeded by
+    :func:`_device_seed`) and kept in ``generators``."""
     key = str(device)
     gen = generators.get(key)
     if gen is None:
         gen = torch.Generator(device)
-        index = 0 if device.index is None else device.index + 1
-        gen.manual_seed((seed + 7919 * index) % 2**63)
+        gen.manual_seed(_device_seed(seed, device, sharded))
         generators[key] = gen
     return gen
 

@@ -166,22 +166,47 @@ def _family_cases():
                                             lmbda=0.9, lr=1e-3, weight_decay=1e-2), False),
         "interval": (lambda ps: SAM(ps, torch.optim.SGD, rho=0.1, interval=2, **sgd), False),
         "msam": (lambda ps: MomentumSAM(ps, torch.optim.SGD, rho=0.3, **sgd), True),
-        # The same seed on every rank: the same random subset (ESAM), the same noise (BSAM).
+        # The same seed on every rank: the same random subset (ESAM), the same noise (BSAM);
+        # under FSDP2 each rank draws for the whole model and keeps its shards' part.
         "esam": (lambda ps: ESAM(ps, torch.optim.SGD, rho=0.1, beta=0.5, seed=0, **sgd),
                  "esam"),
+        "esam-tensor": (lambda ps: ESAM(ps, torch.optim.SGD, rho=0.1, beta=0.5, swp="tensor",
+                                        seed=0, **sgd), "esam"),
         "bsam": (lambda ps: BSAM(ps, num_data=64, lr=0.05, rho=0.01, weight_decay=1e-3,
                                  seed=0), True),
+        "bsam-official": (lambda ps: BSAM(ps, num_data=64, lr=0.05, rho=0.01,
+                                          weight_decay=1e-3, variant="official", seed=0), True),
     }
 
 
-# Their random draw per element is not sliced per shard yet: FSDP2 refuses them.
-UNSHARDED = ("esam", "bsam")
+# The members that draw random numbers: under FSDP2 they are also resumed from a checkpoint
+# taken after RESUME_AT steps (generator states included), which must end bit for bit where
+# the uninterrupted run ends.
+RANDOM = ("esam", "esam-tensor", "bsam", "bsam-official")
+RESUME_AT = 2
 FAMILY_STEPS = 5  # LookSAM and SAM every 2 steps: three SAM steps and two plain ones
+
+
+class _Scale(torch.nn.Module):
+    """Logits times a learnt scalar: a parameter of shape (1,), so that under FSDP2 on two
+    ranks one rank's shard of it is empty (and the linear layer's 5 rows split 3 / 2)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1, dtype=dtype))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def family_model(dtype=F64):
+    """small_convnet and a (1,)-shaped scale: the family's model in these tests."""
+    return torch.nn.Sequential(*small_convnet(0, dtype), _Scale(dtype))
 
 
 def family_steps(model, opt, data, one_pass, rank=0, world=1):
     """Each family member the way users drive it: backward, then step(closure); Momentum-SAM
-    takes its one pass in step(closure)."""
+    and BSAM take their passes in step(closure), ESAM its per-example losses."""
     for batch in data:
         mine = _shard(batch, rank, world)
 
@@ -204,36 +229,76 @@ def family_ddp(rank, world):
     out = {}
     data = batches(FAMILY_STEPS, batch_size=8, dtype=F64)
     for name, (make, one_pass) in _family_cases().items():
-        model = torch.nn.parallel.DistributedDataParallel(small_convnet(0, F64))
+        model = torch.nn.parallel.DistributedDataParallel(family_model())
         opt = make(model.parameters())
         family_steps(model, opt, data, one_pass, rank, world)
         out[name] = [p.detach().clone() for p in model.module.parameters()]
     return out
 
 
+def _fsdp2_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = family_model()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
 def family_fsdp2(rank, world):
     """The family over FSDP2-sharded parameters (the inner products, norms and the running
-    average's norm completed over the shards); the full weights of each."""
-    from torch.distributed.fsdp import fully_shard
+    average's norm completed over the shards; ESAM's and BSAM's draws cut per shard); the
+    full weights of each, and of ESAM's and BSAM's runs resumed from a checkpoint."""
+    import copy
+
+    from sam_fast import ESAM
 
     out = {}
     data = batches(FAMILY_STEPS, batch_size=8, dtype=F64)
     for name, (make, one_pass) in _family_cases().items():
-        model = small_convnet(0, F64)
-        for layer in model:
-            if any(True for _ in layer.parameters()):
-                fully_shard(layer)
-        fully_shard(model)
-        if name in UNSHARDED:  # refused at construction, with why
-            try:
-                make(model.parameters())
-                out[name] = "built"
-            except NotImplementedError as exc:
-                out[name] = str(exc)
-            continue
+        model = _fsdp2_model()
         opt = make(model.parameters())
-        family_steps(model, opt, data, one_pass, rank, world)
+        if name not in RANDOM:
+            family_steps(model, opt, data, one_pass, rank, world)
+            out[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+            continue
+        family_steps(model, opt, data[:RESUME_AT], one_pass, rank, world)
+        saved = copy.deepcopy(opt.state_dict())
+        weights = [p.to_local().detach().clone() for p in model.parameters()]
+        family_steps(model, opt, data[RESUME_AT:], one_pass, rank, world)
         out[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        # A fresh optimizer (its generators seeded anew) loads the checkpoint.
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), weights):
+                p.to_local().copy_(w)
+        opt = make(model.parameters())
+        opt.load_state_dict(saved)
+        family_steps(model, opt, data[RESUME_AT:], one_pass, rank, world)
+        out[name + "/resumed"] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    # SDS would select per rank: refused at construction, with why.
+    try:
+        ESAM(_fsdp2_model().parameters(), torch.optim.SGD, beta=0.5, gamma=0.5, seed=0, lr=0.1)
+        out["esam-sds"] = "built"
+    except NotImplementedError as exc:
+        out["esam-sds"] = str(exc)
+    # A shard that is not a block of rows cannot be cut out of the whole tensor's draw by
+    # rows: refused at construction (nothing drawn, nothing moved).
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from sam_fast import BSAM
+
+    mesh = init_device_mesh("cpu", (world,))
+    for name, make in (("esam-shard1", lambda ps: ESAM(ps, torch.optim.SGD, beta=0.5, lr=0.1)),
+                       ("bsam-shard1", lambda ps: BSAM(ps, num_data=8))):
+        w = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4, dtype=F64), mesh, [Shard(1)]))
+        try:
+            make([w])
+            out[name] = "built"
+        except NotImplementedError as exc:
+            out[name] = str(exc)
     return out
 
 

@@ -20,8 +20,8 @@ import torch
 
 import oracle
 from conftest import params_of, run_sam
-from dist_workers import (FAMILY_STEPS, FSDP_CASES, STEPS, UNSHARDED, _family_cases, _shard,
-                          family_steps)
+from dist_workers import (FAMILY_STEPS, FSDP_CASES, RANDOM, STEPS, _family_cases, _shard,
+                          family_model, family_steps)
 from models import batches, loss_of, small_convnet
 from sam_fast import SAM
 
@@ -156,7 +156,7 @@ def _family_single_process():
     data = batches(FAMILY_STEPS, batch_size=8, dtype=F64)
     out = {}
     for name, (make, one_pass) in _family_cases().items():
-        model = small_convnet(0, F64)
+        model = family_model()
         family_steps(model, make(model.parameters()), data, one_pass)
         out[name] = params_of(model)
     return out
@@ -165,21 +165,32 @@ def _family_single_process():
 @pytest.mark.parametrize("scenario", ["family_ddp", "family_fsdp2"])
 def test_family_data_parallel_equals_one_process(tmp_path, single_thread, scenario):
     # DDP all-reduces both passes' gradients; FSDP2 shards them, so GSAM's and LookSAM's
-    # inner products and Friendly-SAM's norm are sums over the ranks' shards. Either way the
-    # run is the single process's on the whole batch, to float64 rounding of the averages.
+    # inner products and Friendly-SAM's and ESAM's norms are sums over the ranks' shards, and
+    # ESAM's mask and BSAM's noise are each shard's part of one process's draw (a shard of 3
+    # rows and one of 2, an empty shard). Either way the run is the single process's on the
+    # whole batch, to float64 rounding of the averages.
     if scenario == "family_fsdp2":
         pytest.importorskip("torch.distributed.fsdp")
     results = launch(scenario, tmp_path, timeout=300)
     _assert_ok(results)
     want = _family_single_process()
-    start = params_of(small_convnet(0, F64))
+    start = params_of(family_model())
     for name, w in want.items():
         assert oracle.max_rel_diff(w, start) > 1e-4, name  # it moved, so the check can fail
         for r in results:
-            if scenario == "family_fsdp2" and name in UNSHARDED:
-                assert "does not take FSDP2's sharded (DTensor) parameters" in r[name]
-                continue
             assert oracle.max_rel_diff(r[name], w) < 1e-12, name
+    # The random draws matter: ESAM's two granularities and BSAM's two variants differ.
+    for a, b in (("esam", "esam-tensor"), ("bsam", "bsam-official"), ("esam", "interval")):
+        assert oracle.max_rel_diff(want[a], want[b]) > 1e-6, (a, b)
+    if scenario == "family_fsdp2":
+        for r in results:
+            for name in RANDOM:  # the resumed run, generator states from the checkpoint
+                assert all(torch.equal(a, b) for a, b in zip(r[name + "/resumed"], r[name])), \
+                    name
+            assert "gamma < 1 (SDS) does not take FSDP2's sharded" in r["esam-sds"]
+            for name in ("esam-shard1", "bsam-shard1"):
+                assert "sharded along dim 0 (FSDP2's Shard(0)) or replicated, got " \
+                       "placements (Shard(dim=1),)" in r[name], r[name]
 
 
 def test_family_under_local_ascent(tmp_path, single_thread):
