@@ -35,9 +35,15 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 def _kernels(name: str):
     """The two kernels of op ``name``. The op's schema is read at the first call: the
     SAM family's and BSAM's ops are defined in Python (family_ops.py, bsam_ops.py)
-    after this library is loaded, as the C++ registrations by name allow too."""
+    after this library is loaded, as the C++ registrations by name allow too. Per call
+    they do the least Python can: one version-counter call per written argument (torch
+    skips inference tensors), and the requires-grad scan only under grad mode (the
+    optimizers call the ops under no_grad)."""
     below_autograd = torch._C._after_autograd_keyset
     below_inplace = torch._C._after_ADInplaceOrView_keyset
+    below_inplace_guard = torch._C._AutoDispatchBelowADInplaceOrView
+    increment = torch._C._increment_version
+    is_grad_enabled = torch.is_grad_enabled
     resolved: list = []  # [op, argument names, written (position, name) pairs]
 
     def resolve() -> list:
@@ -48,24 +54,26 @@ def _kernels(name: str):
                              _written_positions(schema)))
         return resolved
 
-    def argument(i: int, arg_name: str, args: tuple, kwargs: dict) -> Any:
-        return args[i] if i < len(args) else kwargs.get(arg_name)
-
     def inplace_or_view(keys, *args, **kwargs):
-        op, _, written = resolve()
-        with torch._C._AutoDispatchBelowADInplaceOrView():
+        op, _, written = resolved or resolve()
+        with below_inplace_guard():
             out = op.redispatch(keys & below_inplace, *args, **kwargs)
+        n = len(args)
         for i, arg_name in written:
-            for t in _tensors(argument(i, arg_name, args, kwargs)):
-                if not t.is_inference():
-                    torch.autograd.graph.increment_version(t)
+            value = args[i] if i < n else kwargs.get(arg_name)
+            if isinstance(value, torch.Tensor):
+                increment((value,))
+            elif value:
+                increment(value)
         return out
 
     def autograd(keys, *args, **kwargs):
-        _, names, _ = resolve()
-        if torch.is_grad_enabled():
+        if is_grad_enabled():
+            _, names, _ = resolved or resolve()
+            n = len(args)
             for i, arg_name in enumerate(names):
-                if any(t.requires_grad for t in _tensors(argument(i, arg_name, args, kwargs))):
+                value = args[i] if i < n else kwargs.get(arg_name)
+                if any(t.requires_grad for t in _tensors(value)):
                     raise RuntimeError(
                         f"{name} is an optimizer update and not differentiable, but its "
                         f"argument '{arg_name}' requires grad: call it under torch.no_grad()")

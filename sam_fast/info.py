@@ -34,7 +34,13 @@ def report() -> str:
     ]
     info = _extension.build_info()
     if info:
-        lines.append(f"sam_fast._C: {info.get('path')}")
+        lines.append(f"{info['module']}: {info.get('path')}")
+        if info["abi"] == "stable":
+            lines.append(f"  ABI: stable (portable: torch {info['target_version']} and later; "
+                         "no C++ fast path, see docs/extension.md)")
+        else:
+            lines.append(f"  ABI: version-matched (torch {info.get('torch_version')} only, "
+                         "with the C++ fast path)")
         lines.append(f"  built with torch {info.get('torch_version')}, "
                      f"CUDA {info.get('cuda_version') or 'none (CPU kernels only)'}, "
                      f"TORCH_CUDA_ARCH_LIST {info.get('cuda_arch_list') or '-'}")

@@ -1,0 +1,146 @@
+"""The two compiled libraries (docs/extension.md, "Two libraries"): the version-matched
+``sam_fast._C`` and the portable ``sam_fast._C_stable`` (PyTorch's stable ABI), which
+one the loader picks, and that the portable one computes the same bits.
+
+Each library registers the ``sam_fast`` namespace for good, so whatever needs the other
+library than this process's runs in a subprocess. ``scripts/portable_wheel_check`` runs
+this file, with the cpp tests, against one portable wheel installed under several
+torch versions (``SAM_FAST_EXPECT_ABI=stable``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sam_fast import _extension
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SAM_FAST_")}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + sys.path)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _portable_built() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sam_fast._C_stable") is not None
+
+
+def test_the_expected_library_serves():
+    """The loader's choice: SAM_FAST_EXPECT_ABI when a harness sets it, else the
+    version-matched library wherever it was built for this torch."""
+    expected = os.environ.get("SAM_FAST_EXPECT_ABI")
+    if expected is None:
+        if _extension.load() is None:
+            pytest.skip(f"no compiled library: {_extension.cpp_reason()}")
+        built, _ = _extension._built()
+        if built is None or _extension.abi_choice() != "auto":
+            pytest.skip("this installation has no version-matched library, or SAM_FAST_ABI "
+                        "chooses")
+        expected = "matched" if built.split("+")[0] == torch.__version__.split("+")[0] else "stable"
+    assert _extension.abi() == expected, _extension.cpp_reason()
+    info = _extension.build_info()
+    assert info["abi"] == expected
+    if expected == "stable":
+        assert info["module"] == "sam_fast._C_stable"
+        assert info["target_version"] == "%d.%d" % _extension.STABLE_TARGET
+        assert info["with_cuda"] is False
+
+
+_STEPS = """
+    import json, torch
+    from models import batches, loss_of, small_cnn
+    from sam_fast import SAM, _extension
+    torch.manual_seed(0)
+    model = small_cnn(0, torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+              weight_decay=5e-4, backend="cpp")
+    for batch in batches(4, batch_size=8, dtype=torch.float32):
+        loss_of(model, batch).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, batch).backward()
+        opt.second_step(zero_grad=True)
+    g = [torch.randn(7), torch.randn(3, 5).t(), torch.randn(1)]
+    print(json.dumps({
+        "abi": _extension.abi(),
+        "weights": [p.detach().flatten().tolist() for p in model.parameters()],
+        "sumsq": torch.ops.sam_fast.grad_sumsq(g, [], 0.0).item(),
+        "sumsq64": sum(float((t.double() ** 2).sum()) for t in g),
+    }))
+"""
+
+
+def _steps(abi: str) -> dict:
+    done = _run(_STEPS, SAM_FAST_ABI=abi, SAM_FAST_REQUIRE_EXT="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _portable_built(), reason="the portable sam_fast._C_stable is not built "
+                    "(SAM_FAST_BUILD=matched, or a torch older than 2.10 at build time)")
+def test_portable_library_gives_the_matched_librarys_bits():
+    """Same source, same kernels: four SAM + SGD steps of a small CNN end on the same
+    bits under either library, and a sum of squares agrees with float64 to fp32 rounding."""
+    if _extension._built()[0] is None and os.environ.get("SAM_FAST_EXPECT_ABI") == "stable":
+        pytest.skip("only the portable library is installed here")
+    matched, portable = _steps("matched"), _steps("stable")
+    assert (matched["abi"], portable["abi"]) == ("matched", "stable")
+    assert portable["weights"] == matched["weights"]
+    assert portable["sumsq"] == matched["sumsq"]
+    # 23 squares summed in fp32: relative error within a few units of 2**-24 per term.
+    assert abs(portable["sumsq"] - portable["sumsq64"]) <= 23 * 2**-23 * portable["sumsq64"]
+
+
+@pytest.mark.skipif(not _portable_built(), reason="the portable sam_fast._C_stable is not built")
+def test_portable_library_runs_a_sam_step_here():
+    out = _steps("stable")
+    assert out["abi"] == "stable"
+    assert all(all(v == v for v in w) for w in out["weights"])  # finite: no NaN
+    assert abs(out["sumsq"] - out["sumsq64"]) <= 23 * 2**-23 * out["sumsq64"]
+
+
+def test_a_torch_older_than_the_target_falls_back_with_one_warning():
+    """Under a torch older than 2.10 the portable library is not imported (it would
+    fail on missing shims): the cpp backend is unavailable with the reason, and
+    backend='auto' takes the torch backend after one warning."""
+    code = """
+        import warnings, torch
+        torch.__version__ = "2.9.1"   # as an older torch reports itself
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from sam_fast import SAM, _extension, dispatch
+            assert _extension.load() is None
+            reason = dispatch.why_unavailable("cpp", "cpu")
+            assert "predates 2.10" in reason, reason
+            w = torch.nn.Parameter(torch.randn(5))
+            opt = SAM([w], torch.optim.SGD, lr=0.1)
+            for _ in range(3):
+                w.grad = torch.randn(5)
+                opt.first_step(zero_grad=True)
+                w.grad = torch.randn(5)
+                opt.second_step(zero_grad=True)
+        ours = [str(c.message) for c in caught if "sam_fast" in str(c.message)]
+        assert len(ours) == 1 and "predates 2.10" in ours[0], ours
+        print("ok")
+    """
+    done = _run(code, SAM_FAST_ABI="stable")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_a_bad_abi_choice_is_a_clear_error():
+    done = _run("from sam_fast import _extension; _extension.load()", SAM_FAST_ABI="portable")
+    assert done.returncode != 0
+    assert "SAM_FAST_ABI='portable'; expected one of ('auto', 'matched', 'stable')" in done.stderr
