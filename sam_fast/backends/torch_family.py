@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .torch_ops import TensorList, _math_dtype, _widen
+from .torch_ops import TensorList, _math_dtype, _widen, powsum
 
 
 def dot_sumsq(a: TensorList, b: TensorList) -> Tensor:
@@ -29,8 +29,8 @@ def dot_sumsq(a: TensorList, b: TensorList) -> Tensor:
     acc = _math_dtype(a[0].dtype)
     wa, wb = _widen(a), _widen(b)
     dots = [torch.linalg.vecdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(wa, wb)]
-    sq_a = torch._foreach_powsum(list(a), 2, dtype=acc)
-    sq_b = torch._foreach_powsum(list(b), 2, dtype=acc)
+    sq_a = powsum(a, acc)
+    sq_b = powsum(b, acc)
     return torch.stack([torch.stack(dots).sum(), torch.stack(sq_a).sum(),
                         torch.stack(sq_b).sum()]).to(acc)
 
@@ -80,7 +80,7 @@ def ema_residual_(
     d = torch._foreach_sub(u, torch._foreach_mul(ref, sigma))
     # The direction as stored (rounded to the storage dtype) is what the norm measures.
     stored = d if all(x.dtype == math for x in g) else [t.to(x.dtype) for t, x in zip(d, g)]
-    total = torch.stack(torch._foreach_powsum(stored, 2, dtype=math)).sum()
+    total = torch.stack(powsum(stored, math)).sum()
     if skip is None:
         torch._foreach_copy_(list(m), new)
         torch._foreach_copy_(list(g), stored)

@@ -54,19 +54,31 @@ def _unscale(grads: Tensors, grad_scale: Tensor | None) -> Tensors:
     return torch._foreach_mul(grads, inv)
 
 
+def powsum(tensors: TensorList, dtype: torch.dtype) -> Tensors:
+    """Each tensor's sum of squares in ``dtype``: ``torch._foreach_powsum`` where torch
+    has it, else (torch 2.10, which the portable library serves too) each tensor widened,
+    squared and summed: the same values up to the order of the summation."""
+    if _FOREACH_POWSUM is not None:
+        return _FOREACH_POWSUM(list(tensors), 2, dtype=dtype)
+    return [torch.sum(torch.square(t.to(dtype))) for t in tensors]
+
+
+_FOREACH_POWSUM = getattr(torch, "_foreach_powsum", None)
+
+
 def grad_sumsq(grads: TensorList, params: TensorList | None = None, eta: float = 0.0) -> Tensor:
     """Sum of squares of ``g`` (or of ``(|w| + eta) * g`` when params are given), fp32."""
     if len(grads) == 0:
         raise ValueError("grad_sumsq needs at least one tensor")
     acc = _math_dtype(grads[0].dtype)
     if params is None:
-        partial = torch._foreach_powsum(list(grads), 2, dtype=acc)
+        partial = powsum(grads, acc)
     else:
         weights = torch._foreach_abs(_widen(params))
         if eta != 0.0:
             torch._foreach_add_(weights, eta)
         weighted = torch._foreach_mul(weights, _widen(grads))
-        partial = torch._foreach_powsum(weighted, 2, dtype=acc)
+        partial = powsum(weighted, acc)
     return torch.stack(partial).sum()
 
 
