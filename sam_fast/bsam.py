@@ -95,8 +95,10 @@ class BSAM(Optimizer):
         variant: ``"paper"`` (Algorithm 1: ``w`` is updated with the new ``s``) or
             ``"official"`` (team-approx-bayes/bayesian-sam: with the previous ``s``).
         seed / generator: the noise's ``torch.Generator`` (seeded with ``seed``; by default
-            a seed drawn once from torch's global generator), one per device; their states
-            are in :meth:`state_dict`. Per step one fp32 ``normal_`` per device over its
+            a seed drawn once from torch's global generator), one per device, seeded by
+            the device's ordinal among this optimizer's devices of its type (DDP rank r on
+            ``cuda:r`` draws what one process on ``cuda:0`` draws); their states are in
+            :meth:`state_dict`, keyed ``"cuda#0"``, ``"cpu#0"``. Per step one fp32 ``normal_`` per device over its
             parameters in state-dict order. Under FSDP2 (DTensor parameters) every rank
             draws for the whole tensors and keeps its shards' part: one process's noise.
         backend: as for :class:`~sam_fast.SAM`.

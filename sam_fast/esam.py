@@ -92,8 +92,11 @@ class ESAM(SAM):
 
     The random numbers come from ``torch.Generator`` objects of this optimizer, seeded by
     ``seed`` (by default, a seed drawn once from torch's global generator), or ``generator``
-    (on the parameters' device for ``"element"``; on the CPU for ``"tensor"``). Their states
-    are saved by :meth:`state_dict`. ``"element"`` draws, per step, one
+    (on the parameters' device for ``"element"``; on the CPU for ``"tensor"``); a device's
+    generator is seeded by its ordinal among this optimizer's devices of its type, so DDP
+    rank r on ``cuda:r`` draws what one process on ``cuda:0`` draws (docs/family.md, "The
+    generators"). Their states are saved by :meth:`state_dict`, keyed ``"cuda#0"``,
+    ``"cpu#0"``. ``"element"`` draws, per step, one
     ``bernoulli_(beta)`` per device into a flat fp32 buffer (that device's parameters in
     state-dict order, every parameter whether it has a gradient or not); ``"tensor"`` one
     ``torch.rand`` of one fp64 number per parameter, on the CPU (no device sync). ``beta = 1``
