@@ -15,7 +15,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import bsam_ops, dispatch, distributed, ops
-from .family import _check_rng, _device_generator, _finite_float
+from .family import (_check_rng, _device_generator, _finite_float, _load_rng, _parse_rng,
+                     _rng_state)
 from .wrapper import BACKENDS, _eager
 
 __all__ = ["BSAM"]
@@ -94,8 +95,10 @@ class BSAM(Optimizer):
         variant: ``"paper"`` (Algorithm 1: ``w`` is updated with the new ``s``) or
             ``"official"`` (team-approx-bayes/bayesian-sam: with the previous ``s``).
         seed / generator: the noise's ``torch.Generator`` (seeded with ``seed``; by default
-            a seed drawn once from torch's global generator), one per device; their states
-            are in :meth:`state_dict`. Per step one fp32 ``normal_`` per device over its
+            a seed drawn once from torch's global generator), one per device, seeded by
+            the device's ordinal among this optimizer's devices of its type (DDP rank r on
+            ``cuda:r`` draws what one process on ``cuda:0`` draws); their states are in
+            :meth:`state_dict`, keyed ``"cuda#0"``, ``"cpu#0"``. Per step one fp32 ``normal_`` per device over its
             parameters in state-dict order. Under FSDP2 (DTensor parameters) every rank
             draws for the whole tensors and keeps its shards' part: one process's noise.
         backend: as for :class:`~sam_fast.SAM`.
@@ -167,9 +170,11 @@ class BSAM(Optimizer):
         if generator is None and seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self._seed = seed
-        self._generators: dict[str, torch.Generator] = {}
+        # device -> generator, seeded by the device's ordinal among the optimizer's
+        # (sam_fast.family._device_seed).
+        self._generators: dict[torch.device, torch.Generator] = {}
         if generator is not None:
-            self._generators[str(generator.device)] = generator
+            self._generators[generator.device] = generator
         # phase: 0 between steps, 1 at the noisy point, 2 at the ascent point.
         self._bsam: dict[str, Any] = {"phase": 0, "steps": 0, "skip": None, "layout": None}
 
@@ -181,7 +186,7 @@ class BSAM(Optimizer):
     # -- layout and random numbers ------------------------------------------------------------
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        return _device_generator(self._generators, self._seed, device, self._sharded)
+        return _device_generator(self._generators, self._seed, device, self.param_groups)
 
     def _layout(self) -> tuple[list[_Bucket], list[tuple[torch.device, Tensor]]]:
         """The buckets and the per-device fp32 noise buffers, built once per layout. For
@@ -393,18 +398,19 @@ class BSAM(Optimizer):
         state = super().state_dict()
         state["sam_fast"] = {
             "steps": self._bsam["steps"], "seed": self._seed,
-            "rng": {k: g.get_state() for k, g in self._generators.items()},
+            "rng": _rng_state(self._generators, self.param_groups),
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra = state_dict.get("sam_fast", {})
+        # Checked (keys mapped to this optimizer's devices) before anything is loaded.
+        states = _parse_rng(extra.get("rng", {}), self.param_groups, "BSAM")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "sam_fast"})
         self._bsam.update(phase=0, skip=None, layout=None, steps=int(extra.get("steps", 0)))
         if extra.get("seed") is not None:
             self._seed = extra["seed"]
-        for key, rng in extra.get("rng", {}).items():
-            self._generator(torch.device(key)).set_state(rng)
+        _load_rng(self._generators, states, self._seed is not None)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:

@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import distributed, ops
-from .family import _check_rng, _device_generator, _finite_float
+from .family import (_check_rng, _device_generator, _finite_float, _load_rng, _parse_rng,
+                     _rng_state)
 from .sam import SAM
 from .wrapper import _eager, check_group_options
 
@@ -91,8 +92,11 @@ class ESAM(SAM):
 
     The random numbers come from ``torch.Generator`` objects of this optimizer, seeded by
     ``seed`` (by default, a seed drawn once from torch's global generator), or ``generator``
-    (on the parameters' device for ``"element"``; on the CPU for ``"tensor"``). Their states
-    are saved by :meth:`state_dict`. ``"element"`` draws, per step, one
+    (on the parameters' device for ``"element"``; on the CPU for ``"tensor"``); a device's
+    generator is seeded by its ordinal among this optimizer's devices of its type, so DDP
+    rank r on ``cuda:r`` draws what one process on ``cuda:0`` draws (docs/family.md, "The
+    generators"). Their states are saved by :meth:`state_dict`, keyed ``"cuda#0"``,
+    ``"cpu#0"``. ``"element"`` draws, per step, one
     ``bernoulli_(beta)`` per device into a flat fp32 buffer (that device's parameters in
     state-dict order, every parameter whether it has a gradient or not); ``"tensor"`` one
     ``torch.rand`` of one fp64 number per parameter, on the CPU (no device sync). ``beta = 1``
@@ -153,10 +157,11 @@ class ESAM(SAM):
             raise ValueError(f"generator is on {generator.device}, the parameters on "
                              f"{sorted(map(str, devices))}: swp='element' draws its masks "
                              "on the parameters' device")
-        # device -> generator (element: the parameters' devices; tensor: the CPU).
-        self._generators: dict[str, torch.Generator] = {}
+        # device -> generator (element: the parameters' devices; tensor: the CPU), seeded by
+        # the device's ordinal among the optimizer's (sam_fast.family._device_seed).
+        self._generators: dict[torch.device, torch.Generator] = {}
         if generator is not None:
-            self._generators[str(generator.device)] = generator
+            self._generators[generator.device] = generator
         self._rho_factor = 1.0 / self.beta  # SAM's perturbation times 1/beta
         self._masks: tuple[tuple, list] | None = None  # the element masks' layout cache
         self._counter["keep"] = None  # swp="tensor": the drawn-ahead selection
@@ -164,7 +169,7 @@ class ESAM(SAM):
     # -- random numbers -------------------------------------------------------------------
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        return _device_generator(self._generators, self._seed, device, self._sharded)
+        return _device_generator(self._generators, self._seed, device, self.param_groups)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -314,16 +319,24 @@ class ESAM(SAM):
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()
         extra["esam_seed"] = self._seed
-        extra["esam_rng"] = {k: g.get_state() for k, g in self._generators.items()}
+        extra["esam_rng"] = _rng_state(self._generators, self.param_groups)
         keep = self._counter["keep"]
         extra["esam_keep"] = None if keep is None else list(keep)
         return extra
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The generator states are checked (keys mapped to this optimizer's devices) before
+        # anything is loaded.
+        _parse_rng(state_dict.get("sam_fast", {}).get("esam_rng", {}), self.param_groups,
+                   "ESAM")
+        super().load_state_dict(state_dict)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
         if extra.get("esam_seed") is not None:
             self._seed = extra["esam_seed"]
-        for key, state in extra.get("esam_rng", {}).items():
-            self._generator(torch.device(key)).set_state(state)
+        _load_rng(self._generators,
+                  _parse_rng(extra.get("esam_rng", {}), self.param_groups, "ESAM"),
+                  self._seed is not None)
         keep = extra.get("esam_keep")
         self._counter["keep"] = None if keep is None else [bool(k) for k in keep]

@@ -20,6 +20,7 @@ pass are left out of the rewrite (and stepped, or not, as SAM steps them).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable
 
 import torch
@@ -58,28 +59,190 @@ def _check_rng(seed: Any, generator: Any) -> None:
             raise TypeError("pass seed= or generator=, not both")
 
 
-def _device_seed(seed: int, device: torch.device, sharded: bool = False) -> int:
-    """The seed of ESAM's and BSAM's generator on ``device``: ``seed`` offset per device
-    index, so that the devices of one process draw different numbers. ``sharded`` (DTensor
-    parameters: each rank holds one device and draws for the whole model, see
-    :func:`sam_fast.distributed.shard_of_draw`): the seed of index 0 of the device type, so
-    that every rank, whichever ``cuda:r`` it runs on, draws what one process on ``cuda:0``
-    (or the CPU) draws."""
-    index = 0 if device.index is None else (1 if sharded else device.index + 1)
-    return (seed + 7919 * index) % 2**63
+# ESAM's and BSAM's random numbers come from one torch.Generator per device, seeded from
+# the optimizer's seed and the device's *ordinal*: its rank among this optimizer's devices of
+# its type, in order of first appearance over the param groups' parameters (the CPU is
+# ordinal 0, whatever the parameters). One process's devices draw differently; DDP rank r
+# with its model on cuda:r draws what one process on cuda:0 draws; and the states are kept
+# in state_dict() under "<type>#<ordinal>" ("cpu#0", "cuda#0", ...), so a checkpoint
+# resumes on another rank layout.
+
+_SEED_STEP = 7919  # the seed's offset per ordinal (a prime)
 
 
-def _device_generator(generators: dict[str, torch.Generator], seed: int,
-                      device: torch.device, sharded: bool = False) -> torch.Generator:
+def _device_ordinals(param_groups: Iterable[dict]) -> dict[torch.device, int]:
+    """Each device of the parameters of ``param_groups`` -> its ordinal among the devices of
+    its type, in order of first appearance (``cuda:3`` alone is ``cuda`` ordinal 0)."""
+    out: dict[torch.device, int] = {}
+    count: dict[str, int] = {}
+    for group in param_groups:
+        for p in group["params"]:
+            device = p.device
+            if device not in out:
+                out[device] = count.get(device.type, 0)
+                count[device.type] = out[device] + 1
+    return out
+
+
+def _ordinal(device: torch.device, ordinals: dict[torch.device, int]) -> int:
+    """``device``'s ordinal: 0 for a device without an index (the CPU), else its place in
+    ``ordinals`` (a device the parameters are not on comes after those of its type)."""
+    if device.index is None:
+        return 0
+    if device in ordinals:
+        return ordinals[device]
+    return sum(1 for d in ordinals if d.type == device.type)
+
+
+def _device_seed(seed: int, device: torch.device, ordinal: int = 0) -> int:
+    """The seed of ESAM's and BSAM's generator on ``device``, the ``ordinal``-th device of
+    its type among the optimizer's: ``seed`` for the CPU (offset 0), ``seed + 7919 (ordinal
+    + 1)`` for an indexed device. The first CUDA device of an optimizer gets what ``cuda:0``
+    always got, whichever ``cuda:r`` it is."""
+    offset = 0 if device.index is None else _SEED_STEP * (ordinal + 1)
+    return (seed + offset) % 2**63
+
+
+def _rng_key(device: torch.device, ordinal: int) -> str:
+    """The key of a generator's state in ``state_dict()``: ``"cuda#0"``, ``"cpu#0"``."""
+    return f"{device.type}#{ordinal}"
+
+
+def _device_generator(generators: dict[torch.device, torch.Generator], seed: int | None,
+                      device: torch.device, param_groups: Iterable[dict]) -> torch.Generator:
     """ESAM's and BSAM's generator for ``device``, made on first use (seeded by
-    :func:`_device_seed`) and kept in ``generators``."""
-    key = str(device)
-    gen = generators.get(key)
+    :func:`_device_seed` with the device's ordinal among the parameters of
+    ``param_groups``) and kept in ``generators``."""
+    gen = generators.get(device)
     if gen is None:
+        if seed is None:
+            raise RuntimeError(
+                f"no random generator for {device}: this optimizer was given generator= on "
+                f"{', '.join(sorted(map(str, generators))) or 'no device'} and no seed")
         gen = torch.Generator(device)
-        gen.manual_seed(_device_seed(seed, device, sharded))
-        generators[key] = gen
+        gen.manual_seed(_device_seed(seed, device, _ordinal(device,
+                                                            _device_ordinals(param_groups))))
+        generators[device] = gen
     return gen
+
+
+def _rng_state(generators: dict[torch.device, torch.Generator],
+               param_groups: Iterable[dict]) -> dict[str, Tensor]:
+    """The generators' states keyed by ordinal (:func:`_rng_key`). A generator of a device
+    the parameters have left (moved since) is not saved: nothing draws from it any more."""
+    ordinals = _device_ordinals(param_groups)
+    return {_rng_key(d, _ordinal(d, ordinals)): g.get_state()
+            for d, g in generators.items() if d.index is None or d in ordinals}
+
+
+_NEW_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)#([0-9]+)$")
+
+
+def _rng_devices(keys: Iterable[Any], ordinals: dict[torch.device, int],
+                 who: str) -> dict[Any, torch.device]:
+    """Each generator key of a checkpoint -> the device of this optimizer (``ordinals``, from
+    :func:`_device_ordinals`) whose generator takes its state; ``ValueError`` for a bad key,
+    one naming a device this optimizer does not have, or two naming the same one.
+
+    Keys are ``"<type>#<ordinal>"`` (:func:`_rng_key`; ``"cpu#0"`` is the CPU whatever the
+    parameters), or ``str(device)`` as checkpoints before the ordinals have them (``"cpu"``,
+    ``"cuda:3"``). The old keys of a device type go to the devices they name when this
+    optimizer has all of them (the layout they were saved on: the resume is the one it
+    was); otherwise they take, in increasing index, the ordinals 0, 1, ... (DDP rank 3's
+    lone ``"cuda:3"`` becomes ``"cuda#0"``, its rank's device on any layout)."""
+    by_type: dict[str, list[torch.device]] = {}
+    for device in sorted(ordinals, key=ordinals.__getitem__):
+        by_type.setdefault(device.type, []).append(device)
+    wanted: dict[Any, tuple[str, int]] = {}  # key -> (device type, ordinal)
+    old: dict[Any, torch.device] = {}  # old indexed keys -> the device they name
+    keys = list(keys)
+    for key in keys:
+        match = _NEW_KEY.match(key) if isinstance(key, str) else None
+        if match is not None:
+            wanted[key] = (match.group(1), int(match.group(2)))
+            continue
+        try:
+            device = torch.device(key) if isinstance(key, str) else None
+        except (RuntimeError, ValueError):
+            device = None
+        if device is None:
+            raise ValueError(
+                f"{who}.load_state_dict: bad generator key {key!r} (expected '<type>#<n>', "
+                "e.g. 'cuda#0', or a device as older checkpoints have it, e.g. 'cuda:0')")
+        if device.index is None:
+            wanted[key] = (device.type, 0)
+        else:
+            old[key] = device
+    for dtype in {d.type for d in old.values()}:
+        named = {k: d for k, d in old.items() if d.type == dtype}
+        if all(d in ordinals for d in named.values()):
+            wanted.update({k: (dtype, ordinals[d]) for k, d in named.items()})
+        else:
+            rank = {i: n for n, i in enumerate(sorted({d.index for d in named.values()}))}
+            wanted.update({k: (dtype, rank[d.index]) for k, d in named.items()})
+    out: dict[Any, torch.device] = {}
+    for key in keys:  # in the checkpoint's order
+        dtype, ordinal = wanted[key]
+        devices = by_type.get(dtype, [])
+        if dtype == "cpu" and ordinal == 0:
+            device = torch.device("cpu")
+        elif ordinal < len(devices):
+            device = devices[ordinal]
+        else:
+            have = ", ".join(f"{d} ({_rng_key(d, ordinals[d])})" for d in by_type.get(dtype, []))
+            raise ValueError(
+                f"{who}.load_state_dict: the checkpoint has a generator state for {key!r} "
+                f"({dtype} device number {ordinal} of the optimizer that saved it), which "
+                f"this optimizer does not have (its {dtype} devices: {have or 'none'}): the "
+                "checkpoint was saved with more devices of that type per process")
+        for other, d in out.items():
+            if d == device:
+                raise ValueError(f"{who}.load_state_dict: the generator keys {other!r} and "
+                                 f"{key!r} both name {device}")
+        out[key] = device
+    return out
+
+
+def _parse_rng(states: Any, param_groups: Iterable[dict],
+               who: str) -> dict[torch.device, Tensor]:
+    """The generator states of a checkpoint (``{key: state}``, keys as :func:`_rng_devices`
+    reads them) as ``{device: state}`` for this optimizer's devices, all checked before
+    anything is loaded (``ValueError``): the keys, and each state against a scratch
+    generator on its device."""
+    if not isinstance(states, dict):
+        raise ValueError(f"{who}.load_state_dict: the generator states must be a dict "
+                         f"{{device key: state}}, got {type(states).__name__}")
+    devices = _rng_devices(states, _device_ordinals(param_groups), who)
+    out: dict[torch.device, Tensor] = {}
+    for key, state in states.items():
+        device = devices[key]
+        if not isinstance(state, Tensor) or state.dtype != torch.uint8 or (
+                state.device.type != "cpu"):
+            raise ValueError(f"{who}.load_state_dict: the generator state for {key!r} must be "
+                             "a CPU uint8 tensor (torch.Generator.get_state()), got "
+                             f"{type(state).__name__}")
+        try:
+            torch.Generator(device).set_state(state)  # a scratch one: nothing touched yet
+        except RuntimeError as exc:
+            raise ValueError(f"{who}.load_state_dict: the generator state for {key!r} is not "
+                             f"one of a generator on {device}: {exc}") from None
+        out[device] = state
+    return out
+
+
+def _load_rng(generators: dict[torch.device, torch.Generator],
+              states: dict[torch.device, Tensor], seeded: bool) -> None:
+    """Set the generators to the states :func:`_parse_rng` checked. With a seed, a generator
+    the checkpoint has no state for is dropped, to be made from the seed on first use as the
+    saved optimizer would (a ``generator=`` of one without a seed is kept)."""
+    if seeded:
+        for device in [d for d in generators if d not in states]:
+            del generators[device]
+    for device, state in states.items():
+        gen = generators.get(device)
+        if gen is None:
+            gen = generators[device] = torch.Generator(device)
+        gen.set_state(state)
 
 
 def _alias(kwargs: dict[str, Any], ours: str, theirs: str, value: Any, default: Any) -> Any:

@@ -394,19 +394,6 @@ def test_copy_keeps_the_generator_state():
                        opt._generator(torch.device("cpu")).get_state())
 
 
-def test_sharded_ranks_seed_as_one_process_on_device_zero():
-    # Under FSDP2 rank r holds cuda:r and draws for the whole model: its generator must be
-    # seeded as one process's on cuda:0 (the CPU gloo test cannot see the device index), while
-    # the devices of one process keep their own seeds.
-    from sam_fast.family import _device_seed
-
-    cuda = [torch.device("cuda", i) for i in range(3)]
-    assert {_device_seed(SEED, d, sharded=True) for d in cuda} == {_device_seed(SEED, cuda[0])}
-    assert len({_device_seed(SEED, d) for d in cuda}) == 3
-    cpu = torch.device("cpu")
-    assert _device_seed(SEED, cpu, sharded=True) == _device_seed(SEED, cpu) == SEED
-
-
 # -- training ------------------------------------------------------------------------------
 
 
