@@ -28,6 +28,28 @@ from .backends import torch_ops
 TensorList = Sequence[Tensor]
 
 
+class _OpTable:
+    """``torch.ops.sam_fast``'s ops as this module calls them, resolved on first use (the
+    compiled library is loaded by then): the op packets themselves under the
+    version-matched library; under the portable one, :func:`sam_fast._stable.direct_call`'s
+    wrappers, which skip a Python hop the optimizers' calls do not need."""
+
+    def __getattr__(self, name: str):
+        from . import _extension
+
+        if _extension.abi() == "stable":
+            from . import _stable
+
+            op = _stable.direct_call(name)
+        else:
+            op = getattr(torch.ops.sam_fast, name)
+        setattr(self, name, op)  # later lookups are plain attribute reads
+        return op
+
+
+_OPS = _OpTable()
+
+
 def _fp64(tensors: TensorList) -> bool:
     return len(tensors) > 0 and tensors[0].dtype == torch.float64
 
@@ -46,7 +68,7 @@ def grad_sumsq(grads: TensorList, params: TensorList | None = None, eta: float =
         return torch_ops.grad_sumsq(grads, params, eta)
     if len(grads) == 0:
         raise ValueError("grad_sumsq needs at least one tensor")
-    return torch.ops.sam_fast.grad_sumsq(list(grads), _opt(params), float(eta))
+    return _OPS.grad_sumsq(list(grads), _opt(params), float(eta))
 
 
 def perturb_(
@@ -68,7 +90,7 @@ def perturb_(
                                   normalize=normalize, eta=eta, grad_scale=grad_scale)
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.perturb_(list(params), list(grads), list(backups), sumsq,
+    _OPS.perturb_(list(params), list(grads), list(backups), sumsq,
                                 rho=float(rho), eps=float(eps), normalize=bool(normalize),
                                 eta=None if eta is None else float(eta), grad_scale=grad_scale)
 
@@ -79,7 +101,7 @@ def restore_(params: TensorList, backups: TensorList) -> None:
         return torch_ops.restore_(params, backups)
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.restore_(list(params), list(backups))
+    _OPS.restore_(list(params), list(backups))
 
 
 def restore_sgd_(
@@ -109,7 +131,7 @@ def restore_sgd_(
         raise ValueError("momentum != 0 needs momentum_buffers")
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.restore_sgd_(
+    _OPS.restore_sgd_(
         list(params), list(backups), list(grads),
         _opt(momentum_buffers) if momentum != 0 else [],
         lr=float(lr), momentum=float(momentum), dampening=float(dampening),
@@ -152,7 +174,7 @@ def restore_adamw_(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.restore_adamw_(
+    _OPS.restore_adamw_(
         list(params), list(backups), list(grads), list(exp_avgs), list(exp_avg_sqs),
         _opt(max_exp_avg_sqs) if amsgrad else [], list(state_steps),
         lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
@@ -191,7 +213,7 @@ def sampa_points_(
         raise ValueError("momentum != 0 needs momentum_buffers")
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.sampa_points_(
+    _OPS.sampa_points_(
         list(params), list(grads_y), _opt(momentum_buffers) if reads_buffers else [],
         list(backups), list(ys), sumsq, rho=float(rho), eps=float(eps),
         lr=float(lr), momentum=float(momentum), dampening=float(dampening),
@@ -225,7 +247,7 @@ def sampa_update_(
         raise ValueError("momentum != 0 needs momentum_buffers")
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.sampa_update_(
+    _OPS.sampa_update_(
         list(params), list(backups), list(grads_tilde), list(grads_y),
         _opt(momentum_buffers) if momentum != 0 else [],
         lam=float(lam), lr=float(lr), momentum=float(momentum), dampening=float(dampening),
@@ -240,14 +262,14 @@ def dot_sumsq(a: TensorList, b: TensorList) -> Tensor:
     """``[<a, b>, |a|^2, |b|^2]`` (fp32; fp64 for fp64 storage), deterministic."""
     if len(a) == 0:
         raise ValueError("dot_sumsq needs at least one tensor")
-    return torch.ops.sam_fast.dot_sumsq(list(a), list(b))
+    return _OPS.dot_sumsq(list(a), list(b))
 
 
 def combine_(a: TensorList, b: TensorList, coef: Tensor) -> None:
     """``a <- coef[0] * a + coef[1] * b``, ``coef`` a device tensor of two elements."""
     if len(a) == 0:
         return None
-    torch.ops.sam_fast.combine_(list(a), list(b), coef)
+    _OPS.combine_(list(a), list(b), coef)
 
 
 def ema_residual_(
@@ -264,7 +286,7 @@ def ema_residual_(
     written, where ``skip``)."""
     if len(m) == 0:
         raise ValueError("ema_residual_ needs at least one tensor")
-    return torch.ops.sam_fast.ema_residual_(list(m), list(g), float(decay), float(sigma),
+    return _OPS.ema_residual_(list(m), list(g), float(decay), float(sigma),
                                             bool(updated), grad_scale, skip)
 
 
@@ -276,7 +298,7 @@ def bsam_noise_(params: TensorList, backups: TensorList, noise: TensorList, s: T
     """``backup <- w``; ``w <- w + z sqrt(1 / (N s))`` (``noise``: fp32)."""
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.bsam_noise_(list(params), list(backups), list(noise), list(s),
+    _OPS.bsam_noise_(list(params), list(backups), list(noise), list(s),
                                    float(num_data))
 
 
@@ -286,7 +308,7 @@ def bsam_ascent_(params: TensorList, backups: TensorList, grads: TensorList, s: 
     """``w <- backup + rho g / s``, ``gs <- sqrt(s) |g|``; a plain restore where ``skip``."""
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.bsam_ascent_(list(params), list(backups), list(grads), list(s),
+    _OPS.bsam_ascent_(list(params), list(backups), list(grads), list(s),
                                     list(gs), float(rho), grad_scale, skip)
 
 
@@ -298,7 +320,7 @@ def bsam_update_(params: TensorList, backups: TensorList, grads: TensorList, m: 
     ``skip``."""
     if len(params) == 0:
         return None
-    torch.ops.sam_fast.bsam_update_(list(params), list(backups), list(grads), list(m), list(s),
+    _OPS.bsam_update_(list(params), list(backups), list(grads), list(m), list(s),
                                     list(gs), float(lr), float(beta1), float(beta2),
                                     float(weight_decay), float(damping), bool(new_s),
                                     grad_scale, skip)

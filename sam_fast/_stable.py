@@ -92,3 +92,39 @@ def register(op_names: tuple[str, ...]) -> None:
         lib.impl(op_name, autograd, "Autograd", with_keyset=True)
         lib.impl(op_name, inplace_or_view, "ADInplaceOrView", with_keyset=True)
     _libraries.append(lib)
+
+
+def direct_call(name: str):
+    """``torch.ops.sam_fast.<name>`` as the optimizers call it under the portable library.
+
+    With grad mode off (the optimizers' steps) and outside ``torch.compile``'s tracing,
+    the Python Autograd kernel above has nothing to refuse, and going through it costs a
+    Python hop that converts every list twice more: so the call runs below Autograd and
+    ADInplaceOrView (one guard) and bumps the written lists' version counters itself,
+    one C++ call per list, which is what that kernel would have done. Otherwise (grad
+    mode on, tracing) it is the plain op.
+    """
+    packet = getattr(torch.ops.sam_fast, name)
+    op = packet.default
+    written = _written_positions(op._schema)
+    below_inplace_guard = torch._C._AutoDispatchBelowADInplaceOrView
+    increment = torch._C._increment_version
+    is_grad_enabled = torch.is_grad_enabled
+    is_compiling = torch.compiler.is_compiling
+
+    def call(*args, **kwargs):
+        if is_grad_enabled() or is_compiling():
+            return packet(*args, **kwargs)
+        with below_inplace_guard():
+            out = op(*args, **kwargs)
+        n = len(args)
+        for i, arg_name in written:
+            value = args[i] if i < n else kwargs.get(arg_name)
+            if isinstance(value, torch.Tensor):
+                increment((value,))
+            elif value:
+                increment(value)
+        return out
+
+    call.__name__ = name
+    return call
