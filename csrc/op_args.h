@@ -63,7 +63,7 @@ class FlatLists {
     for (size_t k = 0; k < specs_.size(); ++k) {
       const size_t len = specs_[k].tensors.size();
       SAM_FAST_CHECK(len == n || (len == 0 && k > 0), op, ": ", specs_[k].name, " has ", len,
-                  " tensors but ", specs_[0].name, " has ", n);
+                     " tensors but ", specs_[0].name, " has ", n);
       if (len > 0) ptrs_[k].reserve(n);
     }
     numel_.reserve(n);
@@ -76,11 +76,12 @@ class FlatLists {
         dtype_ = ref.scalar_type();
       }
       SAM_FAST_CHECK(ref.device() == device_, op, ": ", specs_[0].name, "[", i, "] is on ",
-                  device_str(ref.device()), " but ", specs_[0].name, "[0] is on ", device_str(device_),
-                  "; call the op once per device");
+                     device_str(ref.device()), " but ", specs_[0].name, "[0] is on ",
+                     device_str(device_),
+                     "; call the op once per device");
       SAM_FAST_CHECK(ref.scalar_type() == dtype_, op, ": ", specs_[0].name, "[", i, "] is ",
-                  ref.scalar_type(), " but ", specs_[0].name, "[0] is ", dtype_,
-                  "; call the op once per dtype");
+                     ref.scalar_type(), " but ", specs_[0].name, "[0] is ", dtype_,
+                     "; call the op once per dtype");
       if (ref.numel() == 0) continue;
       const bool ref_contiguous = ref.is_contiguous();
       const bool ref_dense = ref_contiguous || is_dense(ref);
@@ -94,18 +95,18 @@ class FlatLists {
         if (k > 0) {
           SAM_FAST_CHECK(t.defined(), op, ": ", spec.name, "[", i, "] is undefined");
           SAM_FAST_CHECK(t.device() == device_, op, ": ", spec.name, "[", i, "] is on ",
-                      device_str(t.device()), " but ", specs_[0].name, "[", i, "] is on ",
-                      device_str(device_));
+                         device_str(t.device()), " but ", specs_[0].name, "[", i, "] is on ",
+                         device_str(device_));
           if (spec.dtype == kUndefined) {
             SAM_FAST_CHECK(t.scalar_type() == dtype_, op, ": ", spec.name, "[", i, "] is ",
-                        t.scalar_type(), " but ", specs_[0].name, "[", i, "] is ", dtype_,
-                        "; every list of a group must share the parameters' dtype");
+                           t.scalar_type(), " but ", specs_[0].name, "[", i, "] is ", dtype_,
+                           "; every list of a group must share the parameters' dtype");
           } else {
             SAM_FAST_CHECK(t.scalar_type() == want, op, ": ", spec.name, "[", i, "] is ",
-                        t.scalar_type(), "; the kernels take ", want, " ", spec.name);
+                           t.scalar_type(), "; the kernels take ", want, " ", spec.name);
           }
           SAM_FAST_CHECK(same_sizes(t, ref), op, ": ", spec.name, "[", i, "] has shape ",
-                      shape_str(t), " but ", specs_[0].name, "[", i, "] has ", shape_str(ref));
+                         shape_str(t), " but ", specs_[0].name, "[", i, "] has ", shape_str(ref));
         }
         // Both contiguous (the usual case): the same layout, and a contiguous
         // tensor has no elements sharing memory, so neither check is needed.
@@ -115,8 +116,8 @@ class FlatLists {
                          (ref_dense && is_dense(t) && same_layout(t, ref));
         if (spec.written && !direct) {
           SAM_FAST_CHECK(!has_internal_overlap(t), op, ": ", spec.name,
-                      "[", i, "] has elements that share memory (an expanded view?); it "
-                      "cannot be written in place");
+                         "[", i, "] has elements that share memory (an expanded view?); it "
+                         "cannot be written in place");
         }
         if (direct) {
           // Written lists: mutable_data_ptr (a copy-on-write tensor materializes);
@@ -169,8 +170,8 @@ class FlatLists {
 // torch backend: see sam_fast/_compiled_ops.py).
 inline void check_storage_dtype(ScalarType dtype, const char* op) {
   SAM_FAST_CHECK(dtype == kFloat || dtype == kHalf || dtype == kBFloat16, op,
-              ": the compiled kernels take float32, float16 and bfloat16 tensors, got ", dtype,
-              " (the Python backends hand float64 groups to the torch backend)");
+                 ": the compiled kernels take float32, float16 and bfloat16 tensors, got ", dtype,
+                 " (the Python backends hand float64 groups to the torch backend)");
 }
 
 // A one-element device scalar (grad_scale, found_inf) as fp32 on `device`.
@@ -200,7 +201,7 @@ inline ScaleInputs scale_inputs(const Tensor& sumsq,
   ScaleInputs in{to_device(sumsq, device, acc), std::nullopt, is_double};
   if (grad_scale.has_value()) {
     SAM_FAST_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
-                shape_str(*grad_scale));
+                   shape_str(*grad_scale));
     in.grad_scale = to_device(*grad_scale, device, acc);
   }
   return in;
@@ -263,7 +264,7 @@ inline std::vector<AdamStepScalars> bump_host_steps(TensorList steps, const Flat
       c = *p;
     } else {
       SAM_FAST_CHECK(false, "restore_adamw_: state_steps[", i, "] is ", s.scalar_type(),
-                  "; Adam's step counters are float32 or float64");
+                     "; Adam's step counters are float32 or float64");
     }
     counts[i] = c;
   }
@@ -290,8 +291,9 @@ inline bool steps_on_host(TensorList steps, Device device) {
   const bool host = steps[0].device().is_cpu();
   for (size_t i = 0; i < steps.size(); ++i) {
     SAM_FAST_CHECK(steps[i].device().is_cpu() == host && (host || steps[i].device() == device),
-                "restore_adamw_: state_steps must all be on the host or all on ", device_str(device),
-                "; state_steps[", i, "] is on ", device_str(steps[i].device()));
+                   "restore_adamw_: state_steps must all be on the host or all on ",
+                   device_str(device),
+                   "; state_steps[", i, "] is on ", device_str(steps[i].device()));
   }
   return host;
 }

@@ -32,6 +32,21 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+_increment_version = torch._C._increment_version
+
+
+def _bump_written(written: tuple[tuple[int, str], ...], args: tuple, kwargs: dict) -> None:
+    """Bump the version counters of the written arguments: one call per list (torch
+    skips inference tensors)."""
+    n = len(args)
+    for i, arg_name in written:
+        value = args[i] if i < n else kwargs.get(arg_name)
+        if isinstance(value, torch.Tensor):
+            _increment_version((value,))
+        elif value:
+            _increment_version(value)
+
+
 def _kernels(name: str):
     """The two kernels of op ``name``. The op's schema is read at the first call: the
     SAM family's and BSAM's ops are defined in Python (family_ops.py, bsam_ops.py)
@@ -42,7 +57,6 @@ def _kernels(name: str):
     below_autograd = torch._C._after_autograd_keyset
     below_inplace = torch._C._after_ADInplaceOrView_keyset
     below_inplace_guard = torch._C._AutoDispatchBelowADInplaceOrView
-    increment = torch._C._increment_version
     is_grad_enabled = torch.is_grad_enabled
     resolved: list = []  # [op, argument names, written (position, name) pairs]
 
@@ -58,13 +72,7 @@ def _kernels(name: str):
         op, _, written = resolved or resolve()
         with below_inplace_guard():
             out = op.redispatch(keys & below_inplace, *args, **kwargs)
-        n = len(args)
-        for i, arg_name in written:
-            value = args[i] if i < n else kwargs.get(arg_name)
-            if isinstance(value, torch.Tensor):
-                increment((value,))
-            elif value:
-                increment(value)
+        _bump_written(written, args, kwargs)
         return out
 
     def autograd(keys, *args, **kwargs):
@@ -108,7 +116,6 @@ def direct_call(name: str):
     op = packet.default
     written = _written_positions(op._schema)
     below_inplace_guard = torch._C._AutoDispatchBelowADInplaceOrView
-    increment = torch._C._increment_version
     is_grad_enabled = torch.is_grad_enabled
     is_compiling = torch.compiler.is_compiling
 
@@ -117,13 +124,7 @@ def direct_call(name: str):
             return packet(*args, **kwargs)
         with below_inplace_guard():
             out = op(*args, **kwargs)
-        n = len(args)
-        for i, arg_name in written:
-            value = args[i] if i < n else kwargs.get(arg_name)
-            if isinstance(value, torch.Tensor):
-                increment((value,))
-            elif value:
-                increment(value)
+        _bump_written(written, args, kwargs)
         return out
 
     call.__name__ = name

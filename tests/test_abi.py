@@ -112,6 +112,40 @@ def test_portable_library_runs_a_sam_step_here():
     assert abs(out["sumsq"] - out["sumsq64"]) <= 23 * 2**-23 * out["sumsq64"]
 
 
+@pytest.mark.skipif(not _portable_built(), reason="the portable sam_fast._C_stable is not built")
+def test_portable_direct_calls_keep_the_autograd_behaviour():
+    """The optimizers' calls around the Python autograd hop (sam_fast._stable.direct_call)
+    still bump every written list's version counters and nothing else, take inference
+    tensors, and under grad mode refuse an argument that requires grad, as the op does."""
+    code = """
+        import torch
+        from sam_fast import _compiled_ops, _extension
+        assert _extension.abi() == "stable"
+        p, b = [torch.randn(3), torch.randn(2, 2)], [torch.randn(3), torch.randn(2, 2)]
+        before = [t._version for t in p + b]
+        with torch.no_grad():
+            _compiled_ops.restore_(p, b)
+        assert all(torch.equal(x, y) for x, y in zip(p, b))
+        after = [t._version for t in p + b]
+        assert all(a > v for a, v in zip(after[:2], before[:2])), (before, after)
+        assert after[2:] == before[2:], (before, after)
+        with torch.inference_mode():
+            q, c = [torch.randn(4)], [torch.randn(4)]
+            _compiled_ops.restore_(q, c)
+        assert torch.equal(q[0], c[0])
+        w = torch.randn(3, requires_grad=True)
+        try:
+            _compiled_ops.restore_([w], [torch.randn(3)])
+        except RuntimeError as e:
+            assert "not differentiable" in str(e), e
+        else:
+            raise AssertionError("grad mode with a tensor that requires grad was not refused")
+        print("ok")
+    """
+    done = _run(code, SAM_FAST_ABI="stable", SAM_FAST_REQUIRE_EXT="1")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 def test_a_torch_older_than_the_target_falls_back_with_one_warning():
     """Under a torch older than 2.10 the portable library is not imported (it would
     fail on missing shims): the cpp backend is unavailable with the reason, and

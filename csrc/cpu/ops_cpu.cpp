@@ -308,7 +308,7 @@ void restore_sgd_(ListArg params, ListArg backups, ListArg grads,
                   OptTensorArg found_inf) {
   const bool has_momentum = momentum != 0.0;
   SAM_FAST_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
-              "restore_sgd_: momentum != 0 needs momentum_buffers");
+                 "restore_sgd_: momentum != 0 needs momentum_buffers");
   const bool skip = found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0f;
   if (skip) {
     restore_(params, backups);
@@ -371,12 +371,12 @@ void restore_adamw_(ListArg params, ListArg backups, ListArg grads,
                     OptTensorArg grad_scale,
                     OptTensorArg found_inf) {
   SAM_FAST_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
-              "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
+                 "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
   SAM_FAST_CHECK(state_steps.size() == params.size(), "restore_adamw_: state_steps has ",
-              state_steps.size(), " tensors but params has ", params.size());
+                 state_steps.size(), " tensors but params has ", params.size());
   // CPU parameters keep their step counters on the host (steps_on_host checks).
   SAM_FAST_CHECK(steps_on_host(state_steps, cpu_device()),
-              "restore_adamw_: CPU parameters need host step counters");
+                 "restore_adamw_: CPU parameters need host step counters");
   if (found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0f) {
     restore_(params, backups);
     return;
@@ -386,7 +386,8 @@ void restore_adamw_(ListArg params, ListArg backups, ListArg grads,
                    {"grads", grads, true, false},
                    {"exp_avgs", exp_avgs, true, true},
                    {"exp_avg_sqs", exp_avg_sqs, true, true},
-                   {"max_exp_avg_sqs", amsgrad ? TensorList(max_exp_avg_sqs) : TensorList(), true, true}},
+                   {"max_exp_avg_sqs", amsgrad ? TensorList(max_exp_avg_sqs) : TensorList(), true,
+                    true}},
                   "restore_adamw_");
   if (!lists.empty()) check_storage_dtype(lists.dtype(), "restore_adamw_");
   const auto scalars = bump_host_steps(state_steps, lists, lr, beta1, beta2);
@@ -436,11 +437,11 @@ void sampa_points_(ListArg params, ListArg grads_y, ListArg momentum_buffers,
                    bool nesterov, bool maximize, bool init_buffers) {
   const bool reads_buffers = momentum != 0.0 && !init_buffers;
   SAM_FAST_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
-              "sampa_points_: momentum != 0 needs momentum_buffers");
+                 "sampa_points_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, true, true},
                    {"grads_y", grads_y, true, false},
-                   {"momentum_buffers", reads_buffers ? TensorList(momentum_buffers) : TensorList(), true,
-                    false},
+                   {"momentum_buffers",
+                    reads_buffers ? TensorList(momentum_buffers) : TensorList(), true, false},
                    {"backups", backups, false, true},
                    {"ys", ys, false, true}},
                   "sampa_points_");
@@ -486,7 +487,7 @@ void sampa_update_(ListArg params, ListArg backups, ListArg grads_tilde,
                    bool maximize, bool init_buffers) {
   const bool has_momentum = momentum != 0.0;
   SAM_FAST_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
-              "sampa_update_: momentum != 0 needs momentum_buffers");
+                 "sampa_update_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, false, true},
                    {"backups", backups, true, false},
                    {"grads_tilde", grads_tilde, true, false},
@@ -539,8 +540,9 @@ void dispatch_family(ScalarType dtype, const char* op, const F& f) {
       f(double{});
       break;
     default:
-      SAM_FAST_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
-                  "got ", dtype);
+      SAM_FAST_CHECK(false, op,
+                     ": the kernels take float32, float16, bfloat16 and float64 tensors, got ",
+                     dtype);
   }
 }
 
@@ -642,7 +644,7 @@ Acc ema_residual_chunk(T* __restrict m, T* __restrict g, int64_t n, const EmaCoe
 void check_same_length(ListArg first, ListArg second, const char* op,
                        const char* first_name, const char* second_name) {
   SAM_FAST_CHECK(second.size() == first.size(), op, ": ", second_name, " has ", second.size(),
-              " tensors but ", first_name, " has ", first.size());
+                 " tensors but ", first_name, " has ", first.size());
 }
 
 Tensor dot_sumsq(ListArg a, ListArg b) {
@@ -673,7 +675,7 @@ Tensor dot_sumsq(ListArg a, ListArg b) {
 void combine_(ListArg a, ListArg b, const Tensor& coef) {
   check_same_length(a, b, "combine_", "a", "b");
   SAM_FAST_CHECK(coef.numel() == 2, "combine_: coef must hold two elements, got shape ",
-              shape_str(coef));
+                 shape_str(coef));
   FlatLists lists({{"a", a, true, true}, {"b", b, true, false}}, "combine_");
   if (lists.empty()) return;
   dispatch_family(lists.dtype(), "combine_", [&](auto tag) {
@@ -713,7 +715,7 @@ Tensor ema_residual_(ListArg m, ListArg g, double decay, double sigma,
                      static_cast<Acc>(sigma), Acc(1), updated};
     if (grad_scale.has_value()) {
       SAM_FAST_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
-                  shape_str(*grad_scale));
+                     shape_str(*grad_scale));
       c.inv_scale = Acc(1) / item<Acc>(to_device(*grad_scale, cpu_device(), math));
     }
     const auto chunks = chunks_of(lists);
@@ -767,7 +769,7 @@ template <typename Acc>
 Acc inv_scale_of(OptTensorArg grad_scale, ScalarType math) {
   if (!grad_scale.has_value()) return Acc(1);
   SAM_FAST_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
-              shape_str(*grad_scale));
+                 shape_str(*grad_scale));
   return Acc(1) / item<Acc>(to_device(*grad_scale, cpu_device(), math));
 }
 

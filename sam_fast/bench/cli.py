@@ -87,6 +87,16 @@ each graph costs 5-30 s to build on a CPU. --compile all compiles every cell.
 """
 
 
+def _e2e_sizes(settings: "Settings") -> Any:
+    """The end-to-end models' sizes on this device, with ``--cnn-batch`` applied."""
+    from dataclasses import replace
+
+    from .e2e import E2E_SIZES
+
+    sizes = E2E_SIZES["cuda" if settings.device.type == "cuda" else "cpu"]
+    return sizes if settings.cnn_batch is None else replace(sizes, cnn_batch=settings.cnn_batch)
+
+
 @dataclass
 class Settings:
     device: torch.device
@@ -108,6 +118,7 @@ class Settings:
     model: bool = True
     family: bool = True
     family_only: bool = False
+    cnn_batch: int | None = None  # ResNet-18's end-to-end batch (default: the device's)
 
 
 def _split(values: Sequence[str] | None) -> list[str]:
@@ -176,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of PyTorch (default: PyTorch's choice; on a machine "
                         "shared with other jobs, fewer threads than cores are steadier)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tensors")
+    p.add_argument("--cnn-batch", type=int, default=None, metavar="N",
+                   help="ResNet-18's batch in the end-to-end steps, the family's included "
+                        "(default: 128 on a GPU, 2 on the CPU, where a step at batch 2 is "
+                        "mostly passes over the parameters)")
     p.add_argument("--list", action="store_true",
                    help="list presets, contenders and backends (with why any cannot run) and exit")
     return p
@@ -286,7 +301,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, list[st
                         host_budget=host_budget, out=args.out,
                         progress=not args.no_progress, seed=args.seed,
                         model=not args.no_model, family=not args.no_family,
-                        family_only=args.family_only)
+                        family_only=args.family_only, cnn_batch=args.cnn_batch)
+    if args.cnn_batch is not None and args.cnn_batch < 1:
+        parser.error("--cnn-batch must be at least 1")
     if args.family_only and args.no_family:
         parser.error("--family-only and --no-family exclude each other")
     if args.list:
@@ -424,7 +441,7 @@ def run(settings: Settings, notes: list[str]) -> dict:
                 else:
                     notes.append(why)
             result = run_e2e(device, chosen, hp, settings.budget, timer,
-                             status=progress.status)
+                             status=progress.status, sizes=_e2e_sizes(settings))
             payload["e2e"] = result.to_json()
             progress.advance(2)
         if family:
@@ -435,7 +452,8 @@ def run(settings: Settings, notes: list[str]) -> dict:
             payload["family"] = run_family(
                 device, settings.host_budget if settings.host or whole else None,
                 settings.budget if settings.e2e or whole else None, timer,
-                status=progress.status, seed=settings.seed).to_json()
+                status=progress.status, seed=settings.seed,
+                sizes=_e2e_sizes(settings)).to_json()
             progress.advance()
     except KeyboardInterrupt:
         notes.append("interrupted: partial results")

@@ -386,7 +386,7 @@ def run_family_e2e(device: torch.device, budget: Budget, timer: Timer,
 
 def run_family(device: torch.device, host_budget: Budget | None, budget: Budget | None,
                timer: Timer, status: Callable[[str], None] = lambda s: None,
-               seed: int = 0) -> FamilyResult:
+               seed: int = 0, sizes: Any = None) -> FamilyResult:
     """The family's part of the benchmark: the host share when ``host_budget`` is given, end
     to end when ``budget`` is."""
     result = FamilyResult(str(device), host_topology())
@@ -394,6 +394,6 @@ def run_family(device: torch.device, host_budget: Budget | None, budget: Budget 
         result.host, notes = measure_family_host(device, host_budget, timer, status, seed=seed)
         result.notes += notes
     if budget is not None:
-        result.e2e, notes = run_family_e2e(device, budget, timer, status)
+        result.e2e, notes = run_family_e2e(device, budget, timer, status, sizes=sizes)
         result.notes += notes
     return result
