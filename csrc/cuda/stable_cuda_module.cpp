@@ -44,7 +44,8 @@ PyMODINIT_FUNC PyInit__C_stable_cuda(void) {
   if (PyModule_AddStringConstant(mod, "abi", "stable") < 0 ||
       PyModule_AddStringConstant(mod, "torch_version", SAM_FAST_BUILD_TORCH) < 0 ||
       PyModule_AddStringConstant(mod, "target_version", SAM_FAST_BUILD_TARGET) < 0 ||
-      PyModule_AddStringConstant(mod, "cuda_version", SAM_FAST_BUILD_CUDA) < 0 ||
+      PyModule_AddStringConstant(mod, "cuda_version", SAM_FAST_BUILD_CUDA_TOOLKIT) < 0 ||
+      PyModule_AddStringConstant(mod, "torch_cuda_version", SAM_FAST_BUILD_CUDA) < 0 ||
       PyModule_AddStringConstant(mod, "cuda_runtime", runtime.c_str()) < 0 ||
       PyModule_AddStringConstant(mod, "cuda_runtime_linkage", "static") < 0 ||
       PyModule_AddStringConstant(mod, "cuda_arch_list", SAM_FAST_BUILD_ARCHS) < 0 ||
