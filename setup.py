@@ -49,7 +49,8 @@ if (ROOT / "kernels" / "__init__.py").exists():
 if CSRC.is_dir():
     packages.append("sam_fast._csrc")
     package_dir["sam_fast._csrc"] = "csrc"
-    package_data["sam_fast._csrc"] = ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cuh"]
+    package_data["sam_fast._csrc"] = ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cuh",
+                                     "cuda/*.h", "cuda/*.cpp"]
 
 
 def _toolchain():
