@@ -296,7 +296,8 @@ Tensor grad_sumsq(ListArg grads, ListArg params, double eta) {
   Tensor partials = empty_1d(blocks > 0 ? blocks : 1, kFloat, device);
   const cudaStream_t stream = current_stream(device.index());
   if (blocks > 0) {
-    SumsqArgs a{partials.mutable_data_ptr<float>(), 0, weighted, eta != 0.0, static_cast<float>(eta)};
+    SumsqArgs a{partials.mutable_data_ptr<float>(), 0, weighted, eta != 0.0,
+                static_cast<float>(eta)};
     dispatch_storage(lists.dtype(), "grad_sumsq", [&](auto tag) {
       using T = decltype(tag);
       multi_tensor_apply<2, NoExtra>(
@@ -349,8 +350,9 @@ struct DeviceScale {
 DeviceScale device_scale(const Tensor& sumsq, OptTensorArg grad_scale,
                          Device device, double rho, double eps, bool normalize) {
   DeviceScale d{scale_inputs(sumsq, grad_scale, device), {}};
-  d.args = {d.in.sumsq.mutable_data_ptr(), d.in.grad_scale ? d.in.grad_scale->mutable_data_ptr() : nullptr, rho,
-            eps, normalize, d.in.is_double};
+  d.args = {d.in.sumsq.mutable_data_ptr(),
+            d.in.grad_scale ? d.in.grad_scale->mutable_data_ptr() : nullptr, rho, eps, normalize,
+            d.in.is_double};
   return d;
 }
 
@@ -471,7 +473,7 @@ void restore_sgd_(ListArg params, ListArg backups, ListArg grads,
                   OptTensorArg found_inf) {
   const bool has_momentum = momentum != 0.0;
   SAM_FAST_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
-              "restore_sgd_: momentum != 0 needs momentum_buffers");
+                 "restore_sgd_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, false, true},
                    {"backups", backups, true, false},
                    {"grads", grads, true, false},
@@ -599,9 +601,9 @@ void restore_adamw_(ListArg params, ListArg backups, ListArg grads,
                     OptTensorArg grad_scale,
                     OptTensorArg found_inf) {
   SAM_FAST_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
-              "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
+                 "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
   SAM_FAST_CHECK(state_steps.size() == params.size(), "restore_adamw_: state_steps has ",
-              state_steps.size(), " tensors but params has ", params.size());
+                 state_steps.size(), " tensors but params has ", params.size());
   SAM_FAST_CHECK(params.size() > 0, "restore_adamw_: params is empty");
   const Device device = params[0].device();
   const DeviceGuard guard(device);
@@ -634,11 +636,11 @@ void restore_adamw_(ListArg params, ListArg backups, ListArg grads,
   } else {
     const ScalarType step_dtype = state_steps[0].scalar_type();
     SAM_FAST_CHECK(step_dtype == kFloat || step_dtype == kDouble,
-                "restore_adamw_: Adam's step counters are float32 or float64, got ", step_dtype);
+                   "restore_adamw_: Adam's step counters are float32 or float64, got ", step_dtype);
     for (size_t i = 0; i < state_steps.size(); ++i) {
       SAM_FAST_CHECK(state_steps[i].scalar_type() == step_dtype && state_steps[i].numel() == 1,
-                  "restore_adamw_: state_steps[", i, "] must be a one-element ", step_dtype,
-                  " tensor like state_steps[0]");
+                     "restore_adamw_: state_steps[", i, "] must be a one-element ", step_dtype,
+                     " tensor like state_steps[0]");
     }
     step_is_double = step_dtype == kDouble;
     // Bump first (a separate launch, so every block of the update reads the
@@ -698,7 +700,7 @@ void sampa_points_(ListArg params, ListArg grads_y, ListArg momentum_buffers,
                    bool nesterov, bool maximize, bool init_buffers) {
   const bool reads_buffers = momentum != 0.0 && !init_buffers;
   SAM_FAST_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
-              "sampa_points_: momentum != 0 needs momentum_buffers");
+                 "sampa_points_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, true, true},
                    {"grads_y", grads_y, true, false},
                    {"momentum_buffers", reads_buffers ? TensorList(momentum_buffers) : TensorList(), true,
@@ -750,7 +752,7 @@ void sampa_update_(ListArg params, ListArg backups, ListArg grads_tilde,
                    bool maximize, bool init_buffers) {
   const bool has_momentum = momentum != 0.0;
   SAM_FAST_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
-              "sampa_update_: momentum != 0 needs momentum_buffers");
+                 "sampa_update_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, false, true},
                    {"backups", backups, true, false},
                    {"grads_tilde", grads_tilde, true, false},
@@ -796,7 +798,7 @@ void dispatch_family(ScalarType dtype, const char* op, const F& f) {
       break;
     default:
       SAM_FAST_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
-                  "got ", dtype);
+                     "got ", dtype);
   }
 }
 
@@ -931,7 +933,7 @@ int64_t total_blocks(const FlatLists& lists) {
 void check_same_length(ListArg first, ListArg second, const char* op,
                        const char* first_name, const char* second_name) {
   SAM_FAST_CHECK(second.size() == first.size(), op, ": ", second_name, " has ", second.size(),
-              " tensors but ", first_name, " has ", first.size());
+                 " tensors but ", first_name, " has ", first.size());
 }
 
 Tensor dot_sumsq(ListArg a, ListArg b) {
@@ -958,7 +960,8 @@ Tensor dot_sumsq(ListArg a, ListArg b) {
           SAM_FAST_CUDA_LAUNCH_CHECK();
         });
     family_sums_kernel<Acc><<<3, kBlockSize, 0, stream>>>(
-        partials.mutable_data_ptr<Acc>(), blocks, out.mutable_data_ptr<Acc>(), DeviceFlag{nullptr, nullptr});
+        partials.mutable_data_ptr<Acc>(), blocks, out.mutable_data_ptr<Acc>(),
+        DeviceFlag{nullptr, nullptr});
     SAM_FAST_CUDA_LAUNCH_CHECK();
   });
   return out;
@@ -989,7 +992,7 @@ struct CombineOp {
 void combine_(ListArg a, ListArg b, const Tensor& coef) {
   check_same_length(a, b, "combine_", "a", "b");
   SAM_FAST_CHECK(coef.numel() == 2, "combine_: coef must hold two elements, got shape ",
-              shape_str(coef));
+                 shape_str(coef));
   FlatLists lists({{"a", a, true, true}, {"b", b, true, false}}, "combine_");
   if (lists.empty()) return;
   const DeviceGuard guard(lists.device());
@@ -1103,7 +1106,7 @@ Tensor ema_residual_(ListArg m, ListArg g, double decay, double sigma,
   std::optional<Tensor> gs;
   if (grad_scale.has_value()) {
     SAM_FAST_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
-                shape_str(*grad_scale));
+                   shape_str(*grad_scale));
     gs = to_device(*grad_scale, device, math);
   }
   std::optional<Tensor> flag;
