@@ -10,6 +10,11 @@ turns that off. Every reason a backend cannot run is kept as a sentence, for
 
 ``SAM_FAST_REQUIRE_EXT=1`` (set by CI) turns a missing or broken ``sam_fast._C``
 into an ImportError of ``sam_fast`` instead of a fallback.
+
+The portable build's CUDA kernels are a library of their own,
+``sam_fast._C_stable_cuda`` (docs/portable_cuda.md), loaded after
+``sam_fast._C_stable`` when torch is a CUDA build; when it cannot load, the cuda
+backend is unavailable with the reason and the cpu one is unaffected.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ _loaded = False
 _cuda_reason: str | None = None
 _cuda_checked = False
 _jit_info: dict[str, Any] | None = None
+# The portable CUDA library: the module once loaded, else why not (None: not tried).
+_cuda_lib: ModuleType | None = None
+_cuda_lib_reason: str | None = None
+_cuda_lib_broken = False  # built but failed to load: no just-in-time build instead
 _warned: set[str] = set()
 
 
@@ -64,6 +73,16 @@ def abi_choice() -> str:
 def _release(version: str) -> tuple[int, int]:
     major, minor = version.split("+")[0].split(".")[:2]
     return int(major), int(minor)
+
+
+def _built_portable_cuda() -> bool | None:
+    """Whether setup.py built sam_fast._C_stable_cuda here (None: _built.py predates it)."""
+    try:
+        built = importlib.import_module("sam_fast._built")
+    except ImportError:
+        return None
+    value = getattr(built, "PORTABLE_CUDA", None)
+    return None if value is None else bool(value)
 
 
 def _built() -> tuple[str | None, bool | None]:
@@ -106,7 +125,51 @@ def _load_portable() -> tuple[ModuleType | None, str | None]:
     from . import _stable
 
     _stable.register(_OPS)
+    _load_portable_cuda()
     return module, None
+
+
+def _load_portable_cuda() -> None:
+    """sam_fast._C_stable_cuda, after sam_fast._C_stable (whose schemas it registers CUDA
+    kernels for): only in a CUDA build of torch; a failure is the cuda backend's reason."""
+    global _cuda_lib, _cuda_lib_reason, _cuda_lib_broken
+    if torch.version.cuda is None:
+        _cuda_lib_reason = (f"this torch ({torch.__version__}) is not a CUDA build: the portable "
+                            "CUDA kernels (sam_fast._C_stable_cuda) are not loaded")
+        return
+    if _built_portable_cuda() is False:
+        _cuda_lib_reason = "sam_fast._C_stable_cuda is not built (a portable build without CUDA)"
+        return
+    try:
+        _cuda_lib = importlib.import_module("sam_fast._C_stable_cuda")
+    except ImportError as exc:
+        _cuda_lib_reason = _explain_import_error(exc, "sam_fast._C_stable_cuda")
+        _cuda_lib_broken = not (isinstance(exc, ModuleNotFoundError)
+                                and exc.name == "sam_fast._C_stable_cuda")
+        return
+    _cuda_lib_reason = None
+
+
+def _major(version: str) -> int:
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return 0
+
+
+def _portable_cuda_obstacle() -> str | None:
+    """Why the loaded portable CUDA library cannot run here: its static CUDA runtime
+    needs a driver of at least its major version (minor-version compatibility)."""
+    if _cuda_lib is None:
+        return None
+    runtime = getattr(_cuda_lib, "cuda_runtime", "")
+    driver = _cuda_lib.driver_version() if hasattr(_cuda_lib, "driver_version") else ""
+    if runtime and driver and _major(driver) < _major(runtime):
+        return (f"sam_fast._C_stable_cuda carries the CUDA {runtime} runtime (linked "
+                f"statically), but this machine's driver supports CUDA {driver} only: update "
+                "the driver to one for CUDA " + runtime.split(".")[0] + ".x, or build "
+                "sam_fast for this torch (SAM_FAST_BUILD=matched)")
+    return None
 
 
 def load() -> ModuleType | None:
@@ -180,6 +243,12 @@ def cuda_reason(allow_jit: bool = True) -> str | None:
             return _C_reason
         if not torch.cuda.is_available():
             return "no CUDA device (torch.cuda.is_available() is False)"
+        if getattr(_C, "abi", "matched") == "stable":
+            reason = (_cuda_lib_reason if _cuda_lib_broken else None) or \
+                _portable_cuda_obstacle()
+            if reason is not None:
+                _cuda_checked, _cuda_reason = True, reason
+                return reason
         if _has_cuda_kernels():
             _cuda_checked, _cuda_reason = True, None
             return None
@@ -279,6 +348,28 @@ def build_info() -> dict[str, Any]:
     info["target_version"] = getattr(module, "target_version", None) or info["torch_version"]
     info["with_cuda"] = bool(getattr(module, "with_cuda", 0))
     info["path"] = getattr(module, "__file__", None)
+    if info["abi"] == "stable" and torch.version.cuda is not None:
+        info["cuda_kernels"] = portable_cuda_info()
     if _jit_info is not None:
         info["cuda_kernels"] = _jit_info
     return info
+
+
+def portable_cuda_info() -> dict[str, Any]:
+    """What the portable CUDA library was built with, or why it is not loaded."""
+    if _cuda_lib is None:
+        return {"source": "sam_fast._C_stable_cuda", "loaded": False,
+                "reason": _cuda_lib_reason or "not loaded"}
+    lib = _cuda_lib
+    return {
+        "source": "sam_fast._C_stable_cuda",
+        "loaded": True,
+        "path": getattr(lib, "__file__", None),
+        "torch_version": getattr(lib, "torch_version", None),
+        "target_version": getattr(lib, "target_version", None),
+        "cuda_version": getattr(lib, "cuda_version", None),
+        "cuda_runtime": f"{getattr(lib, 'cuda_runtime', '?')} "
+                        f"({getattr(lib, 'cuda_runtime_linkage', '?')})",
+        "cuda_arch_list": getattr(lib, "cuda_arch_list", None),
+        "driver": lib.driver_version() or "none",
+    }

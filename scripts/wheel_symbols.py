@@ -5,15 +5,22 @@
   ``at::``, ``torch::``, ``caffe2``): only the stable ABI's C shims (``aoti_torch_*``,
   ``torch_*``), the limited Python API and the C/C++ runtime; and must not link
   ``libtorch_python``.
+- ``sam_fast/_C_stable_cuda*.so`` (the portable CUDA kernels, docs/portable_cuda.md)
+  obeys the same rules, and also must not link ``libcudart`` or ``libc10_cuda``
+  dynamically nor export any CUDA runtime symbol (its runtime is linked statically and
+  hidden: the torch it is loaded in may carry another CUDA's libcudart); its CUDA code
+  (architectures, via ``cuobjdump``) is reported.
 - ``sam_fast/_C*.so`` (version-matched) is reported: the torch it needs, its CUDA code.
 
-Usage: ``python scripts/wheel_symbols.py WHEEL [--expect portable|both|matched]``;
-exit status 1 on a violation or a wheel whose libraries are not the expected ones.
+Usage: ``python scripts/wheel_symbols.py WHEEL [--expect portable|both|matched]
+[--expect-cuda]``; exit status 1 on a violation or a wheel whose libraries are not the
+expected ones (``--expect-cuda``: the portable CUDA library must be there, with CUDA code).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +41,31 @@ def undefined_symbols(so: Path) -> list[str]:
              if line.strip()]
     demangled = _run("c++filt", *names).splitlines() if names else []
     return demangled if len(demangled) == len(names) else names
+
+
+def _cuobjdump() -> str | None:
+    """SAM_FAST_CUOBJDUMP, PATH, $CUDA_HOME/bin, or the copy Triton ships (a minimal
+    toolkit has none)."""
+    candidates = [os.environ.get("SAM_FAST_CUOBJDUMP"), shutil.which("cuobjdump"),
+                  str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"))]
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        candidates.append(str(Path(spec.origin).parent / "backends" / "nvidia" / "bin" /
+                              "cuobjdump"))
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def cuda_code(so: Path) -> list[str] | None:
+    """The architectures of the library's device code (SASS sm_*, PTX compute_*), or
+    None when cuobjdump is not here."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    listing = subprocess.run([tool, "--list-elf", "--list-ptx", str(so)],
+                             capture_output=True, text=True).stdout
+    return sorted(set(re.findall(r"sm_\d+a?|compute_\d+", listing)))
 
 
 def needed(so: Path) -> list[str]:
@@ -57,13 +89,37 @@ def check_portable(so: Path) -> list[str]:
     return problems
 
 
+def check_portable_cuda(so: Path, expect_cuda: bool) -> list[str]:
+    problems = []
+    libs = needed(so)
+    for bad in ("libcudart", "libc10_cuda", "libc10.so"):
+        if any(lib.startswith(bad) for lib in libs):
+            problems.append(f"{so.name} links {bad} dynamically")
+    exported = [line.split()[-1] for line in
+                _run("nm", "-D", "--defined-only", str(so)).splitlines() if line.strip()]
+    runtime = [s for s in exported if s.startswith(("cuda", "__cuda"))]
+    if runtime:
+        problems.append(f"{so.name} exports {len(runtime)} CUDA runtime symbols, e.g. "
+                        f"{runtime[:3]} (link libcudart_static with --exclude-libs)")
+    if not any(lib.startswith("libtorch_cuda") for lib in libs):
+        problems.append(f"{so.name} does not link libtorch_cuda (the CUDA stream shims)")
+    found = cuda_code(so)
+    if found is None:
+        code = "cuobjdump not found"
+    else:
+        code = " ".join(found) or "none"
+        if expect_cuda and not found:
+            problems.append(f"{so.name} has no CUDA code")
+    linkage = "dynamic" if any(lib.startswith("libcudart") for lib in libs) else "static"
+    print(f"{so.name}: portable CUDA kernels; CUDA runtime linked {linkage}; CUDA code: {code}")
+    return problems
+
+
 def report_matched(so: Path) -> None:
     libs = needed(so)
     archs = ""
-    if shutil.which("cuobjdump"):
-        listing = subprocess.run(["cuobjdump", "--list-elf", "--list-ptx", str(so)],
-                                 capture_output=True, text=True).stdout
-        found = sorted(set(re.findall(r"sm_\d+a?|compute_\d+", listing)))
+    found = cuda_code(so)
+    if found is not None:
         archs = f"; CUDA code: {' '.join(found) or 'none'}"
     print(f"{so.name}: version-matched (the torch it was built with only); links "
           f"{', '.join(libs)}{archs}")
@@ -73,6 +129,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("wheel", type=Path)
     parser.add_argument("--expect", choices=("portable", "both", "matched"))
+    parser.add_argument("--expect-cuda", action="store_true",
+                        help="the portable CUDA library (_C_stable_cuda) must be there")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(args.wheel) as zf:
@@ -83,6 +141,11 @@ def main() -> int:
         problems = []
         for so in portable:
             problems += check_portable(so)
+        portable_cuda = [so for so in portable if so.name.startswith("_C_stable_cuda")]
+        for so in portable_cuda:
+            problems += check_portable_cuda(so, args.expect_cuda)
+        if args.expect_cuda and not portable_cuda:
+            problems.append("expected the portable CUDA library _C_stable_cuda, found none")
         for so in matched:
             report_matched(so)
         kind = ("both" if portable and matched else "portable" if portable else

@@ -178,3 +178,86 @@ def test_a_bad_abi_choice_is_a_clear_error():
     done = _run("from sam_fast import _extension; _extension.load()", SAM_FAST_ABI="portable")
     assert done.returncode != 0
     assert "SAM_FAST_ABI='portable'; expected one of ('auto', 'matched', 'stable')" in done.stderr
+
+
+# The portable CUDA kernels (sam_fast._C_stable_cuda, docs/portable_cuda.md): the same
+# source as the matched library's, so the same bits; run on a lent GPU only.
+_CUDA_STEPS = """
+    import json, sys, torch
+    from models import batches, loss_of, small_cnn
+    from sam_fast import SAM, _extension
+    backend = sys.argv[1]
+    out = {"abi": _extension.abi(), "cuda_kernels": _extension.build_info().get("cuda_kernels")}
+    for name, base, kwargs in (
+            ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+            # capturable: the step counters live on the device (the portable build bumps
+            # them with a kernel of its own, the matched one with _foreach_add_)
+            ("adamw", torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2, capturable=True))):
+        torch.manual_seed(0)
+        model = small_cnn(0, torch.float32).cuda()
+        opt = SAM(model.parameters(), base, rho=0.05, backend=backend, **kwargs)
+        for x, y in batches(4, batch_size=8, dtype=torch.float32):
+            batch = (x.cuda(), y.cuda())
+            loss_of(model, batch).backward()
+            opt.first_step(zero_grad=True)
+            loss_of(model, batch).backward()
+            opt.second_step(zero_grad=True)
+        torch.cuda.synchronize()
+        out[name] = [p.detach().cpu().flatten().tolist() for p in model.parameters()]
+        if name == "adamw":
+            out["steps"] = [float(s["step"]) for s in opt.base_optimizer.state.values()
+                            if "step" in s] if hasattr(opt, "base_optimizer") else []
+    g = [torch.randn(7, device="cuda"), torch.randn(3, 5, device="cuda").t(),
+         torch.randn(1, device="cuda")]
+    out["sumsq"] = torch.ops.sam_fast.grad_sumsq(g, [], 0.0).item()
+    print(json.dumps(out))
+"""
+
+
+def _cuda_steps(abi: str, backend: str = "cuda") -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_CUDA_STEPS), backend],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("SAM_FAST_")},
+             "SAM_FAST_ABI": abi, "SAM_FAST_REQUIRE_EXT": "1", "SAM_FAST_JIT": "0",
+             "PYTHONPATH": os.pathsep.join([str(HERE)] + sys.path)},
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _matched_has_cuda() -> bool:
+    built, _ = _extension._built()
+    if built is None or built.split("+")[0] != torch.__version__.split("+")[0]:
+        return False
+    done = _run("""
+        import torch
+        from sam_fast import _extension
+        _extension.load()
+        print(_extension.abi() == "matched" and _extension.build_info().get("with_cuda"))
+    """, SAM_FAST_ABI="matched")
+    return done.returncode == 0 and done.stdout.strip().endswith("True")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not _portable_built(), reason="the portable sam_fast._C_stable is not built")
+def test_portable_cuda_library_gives_the_matched_librarys_bits():
+    """Four SAM + SGD and SAM + AdamW(capturable) steps of a small CNN on CUDA with
+    backend='cuda' through the portable library end on the matched library's bits (the
+    same kernels from the same source); where only the portable library is installed,
+    close to the torch backend's."""
+    portable = _cuda_steps("stable")
+    assert portable["abi"] == "stable"
+    assert portable["cuda_kernels"]["source"] == "sam_fast._C_stable_cuda"
+    assert portable["cuda_kernels"]["loaded"], portable["cuda_kernels"]
+    assert all(s == 4.0 for s in portable["steps"]), portable["steps"]
+    if _matched_has_cuda():
+        matched = _cuda_steps("matched")
+        assert matched["abi"] == "matched"
+        for key in ("sgd", "adamw", "steps", "sumsq"):
+            assert portable[key] == matched[key], key
+    else:
+        reference = _cuda_steps("stable", backend="torch")
+        for key in ("sgd", "adamw"):
+            for a, b in zip(portable[key], reference[key]):
+                assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-6), key

@@ -21,14 +21,13 @@
 // than one launch: a smaller struct is less to copy per launch).
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#include "cuda_api.h"  // both builds: ATen's CUDA context, or the stable ABI's
 
 #if defined(CUDART_VERSION) && CUDART_VERSION >= 12010 && !defined(USE_ROCM)
 #define SAMF_LARGE_PARAMS 1
@@ -117,7 +116,7 @@ inline bool large_params_usable(int device) {
     int driver = 0;
     return cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12010;
   }();
-  return process_ok && at::cuda::getDeviceProperties(device)->major >= 7;
+  return process_ok && device_major(device) >= 7;
 #else
   (void)device;
   return false;

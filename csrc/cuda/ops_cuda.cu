@@ -7,10 +7,13 @@
 // device scalars (sumsq, grad_scale, found_inf, step counters) in the kernels,
 // so no op synchronizes with the host and a whole step can be captured in a
 // CUDA graph. Storage is fp32, fp16 or bf16; math is fp32 (elementwise.h).
+// Two builds of this one source (csrc/api.h, cuda_api.h): sam_fast._C on ATen, and
+// with SAM_FAST_STABLE (cuda/ops_cuda_stable.cu) sam_fast._C_stable_cuda on PyTorch's
+// stable ABI.
+#ifndef SAM_FAST_STABLE
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#endif
 
 #include <cstdint>
 #include <vector>
@@ -19,6 +22,7 @@
 #include "../bsam.h"
 #include "../family.h"
 #include "../op_args.h"
+#include "cuda_api.h"
 #include "multi_tensor_apply.cuh"
 
 namespace sam_fast::cuda {
@@ -147,34 +151,34 @@ ListPointers<Depth> list_pointers(const FlatLists& lists) {
 template <int Depth, typename T, typename Extra, typename Op>
 void launch_elementwise(const FlatLists& lists, const Extra* extras, const Op& op) {
   static_assert(sizeof(Op) <= kOpParamBytes, "op functor too large for the kernel parameters");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(lists.device().index());
   multi_tensor_apply<Depth, Extra>(
       lists.device().index(), list_pointers<Depth>(lists), lists.numels().data(), lists.size(),
       extras, [&](const auto& meta, int blocks, int64_t) {
         elementwise_kernel<T><<<blocks, kBlockSize, 0, stream>>>(meta, op);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        SAM_FAST_CUDA_LAUNCH_CHECK();
       });
 }
 
 // Calls f(T{}) for the group's storage dtype.
 template <typename F>
-void dispatch_storage(at::ScalarType dtype, const char* op, const F& f) {
+void dispatch_storage(ScalarType dtype, const char* op, const F& f) {
   check_storage_dtype(dtype, op);
   switch (dtype) {
-    case at::kFloat:
+    case kFloat:
       f(float{});
       break;
-    case at::kHalf:
-      f(at::Half{});
+    case kHalf:
+      f(Half{});
       break;
     default:
-      f(at::BFloat16{});
+      f(BFloat16{});
       break;
   }
 }
 
-const float* scalar_ptr(const std::optional<at::Tensor>& s) {
-  return s.has_value() ? s->data_ptr<float>() : nullptr;
+const float* scalar_ptr(OptTensorArg s) {
+  return s.has_value() ? s->mutable_data_ptr<float>() : nullptr;
 }
 
 struct NoCtx {};
@@ -278,21 +282,22 @@ __global__ void __launch_bounds__(kBlockSize)
   if (threadIdx.x == 0) *out = static_cast<float>(acc);
 }
 
-at::Tensor grad_sumsq(at::TensorList grads, at::TensorList params, double eta) {
-  TORCH_CHECK(grads.size() > 0, "grad_sumsq needs at least one tensor");
+Tensor grad_sumsq(ListArg grads, ListArg params, double eta) {
+  SAM_FAST_CHECK(grads.size() > 0, "grad_sumsq needs at least one tensor");
   const bool weighted = !params.empty();
   FlatLists lists({{"grads", grads, true, false}, {"params", params, true, false}},
                   "grad_sumsq");
   check_storage_dtype(grads[0].scalar_type(), "grad_sumsq");
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  auto options = grads[0].options().dtype(at::kFloat);
-  at::Tensor out = at::empty({}, options);
+  const Device device = grads[0].device();
+  const DeviceGuard guard(device);
+  Tensor out = empty_scalar(kFloat, device);
   int64_t blocks = 0;
   for (size_t j = 0; j < lists.size(); ++j) blocks += (lists.numel(j) + kChunkSize - 1) / kChunkSize;
-  at::Tensor partials = at::empty({blocks > 0 ? blocks : 1}, options);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Tensor partials = empty_1d(blocks > 0 ? blocks : 1, kFloat, device);
+  const cudaStream_t stream = current_stream(device.index());
   if (blocks > 0) {
-    SumsqArgs a{partials.data_ptr<float>(), 0, weighted, eta != 0.0, static_cast<float>(eta)};
+    SumsqArgs a{partials.mutable_data_ptr<float>(), 0, weighted, eta != 0.0,
+                static_cast<float>(eta)};
     dispatch_storage(lists.dtype(), "grad_sumsq", [&](auto tag) {
       using T = decltype(tag);
       multi_tensor_apply<2, NoExtra>(
@@ -301,13 +306,13 @@ at::Tensor grad_sumsq(at::TensorList grads, at::TensorList params, double eta) {
             SumsqArgs args = a;
             args.first_block = first;
             sumsq_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, args);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            SAM_FAST_CUDA_LAUNCH_CHECK();
           });
     });
   }
-  sum_partials_kernel<<<1, kBlockSize, 0, stream>>>(partials.data_ptr<float>(), blocks,
-                                                   out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sum_partials_kernel<<<1, kBlockSize, 0, stream>>>(partials.mutable_data_ptr<float>(), blocks,
+                                                   out.mutable_data_ptr<float>());
+  SAM_FAST_CUDA_LAUNCH_CHECK();
   return out;
 }
 
@@ -342,11 +347,12 @@ struct DeviceScale {
   ScaleArgs args;
 };
 
-DeviceScale device_scale(const at::Tensor& sumsq, const std::optional<at::Tensor>& grad_scale,
-                         at::Device device, double rho, double eps, bool normalize) {
+DeviceScale device_scale(const Tensor& sumsq, OptTensorArg grad_scale,
+                         Device device, double rho, double eps, bool normalize) {
   DeviceScale d{scale_inputs(sumsq, grad_scale, device), {}};
-  d.args = {d.in.sumsq.data_ptr(), d.in.grad_scale ? d.in.grad_scale->data_ptr() : nullptr, rho,
-            eps, normalize, d.in.is_double};
+  d.args = {d.in.sumsq.mutable_data_ptr(),
+            d.in.grad_scale ? d.in.grad_scale->mutable_data_ptr() : nullptr, rho, eps, normalize,
+            d.in.is_double};
   return d;
 }
 
@@ -367,15 +373,15 @@ struct PerturbOp {
   }
 };
 
-void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
-              const at::Tensor& sumsq, double rho, double eps, bool normalize,
-              std::optional<double> eta, const std::optional<at::Tensor>& grad_scale) {
+void perturb_(ListArg params, ListArg grads, ListArg backups,
+              const Tensor& sumsq, double rho, double eps, bool normalize,
+              std::optional<double> eta, OptTensorArg grad_scale) {
   FlatLists lists({{"params", params, true, true},
                    {"grads", grads, true, false},
                    {"backups", backups, false, true}},
                   "perturb_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const DeviceScale s = device_scale(sumsq, grad_scale, lists.device(), rho, eps, normalize);
   const bool adaptive = eta.has_value();
   const PerturbOp op{s.args, adaptive, adaptive && *eta != 0.0,
@@ -399,11 +405,11 @@ struct CopyOp {
   }
 };
 
-void restore_(at::TensorList params, at::TensorList backups) {
+void restore_(ListArg params, ListArg backups) {
   FlatLists lists({{"params", params, false, true}, {"backups", backups, true, false}},
                   "restore_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   dispatch_storage(lists.dtype(), "restore_", [&](auto tag) {
     launch_elementwise<2, decltype(tag), NoExtra>(lists, nullptr, CopyOp{});
   });
@@ -454,28 +460,28 @@ struct SgdOp {
   }
 };
 
-std::optional<at::Tensor> optional_scalar_on(const std::optional<at::Tensor>& s,
-                                             at::Device device, const char* what) {
+std::optional<Tensor> optional_scalar_on(OptTensorArg s,
+                                             Device device, const char* what) {
   if (!s.has_value()) return std::nullopt;
   return scalar_on(*s, device, what);
 }
 
-void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                  at::TensorList momentum_buffers, double lr, double momentum, double dampening,
+void restore_sgd_(ListArg params, ListArg backups, ListArg grads,
+                  ListArg momentum_buffers, double lr, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, bool init_buffers,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  OptTensorArg grad_scale,
+                  OptTensorArg found_inf) {
   const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
-              "restore_sgd_: momentum != 0 needs momentum_buffers");
+  SAM_FAST_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
+                 "restore_sgd_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, false, true},
                    {"backups", backups, true, false},
                    {"grads", grads, true, false},
-                   {"momentum_buffers", has_momentum ? momentum_buffers : at::TensorList(),
+                   {"momentum_buffers", has_momentum ? TensorList(momentum_buffers) : TensorList(),
                     !init_buffers, true}},
                   "restore_sgd_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const auto gs = optional_scalar_on(grad_scale, lists.device(), "grad_scale");
   const auto fi = optional_scalar_on(found_inf, lists.device(), "found_inf");
   const SgdOp op{make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov, maximize,
@@ -548,27 +554,66 @@ struct AdamOp {
   }
 };
 
-void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+#ifdef SAM_FAST_STABLE
+// Device step counters, +1 each unless found_inf is set (torch_ops' and the matched
+// build's _foreach_add_(steps, found_inf == 0), which the stable ABI cannot call with
+// a Scalar): one thread per counter, the counters' addresses by value as the
+// multi-tensor metadata travels.
+struct StepCounters {
+  static constexpr int kMax = 480;  // 3840 bytes of addresses: within 4 KiB of parameters
+  void* ptr[kMax];
+};
+
+__global__ void __launch_bounds__(kBlockSize)
+    bump_steps_kernel(const StepCounters counters, int n, bool is_double,
+                      const float* found_inf) {
+  const int i = static_cast<int>(blockIdx.x) * kBlockSize + static_cast<int>(threadIdx.x);
+  if (i >= n || (found_inf != nullptr && *found_inf != 0.0f)) return;
+  if (is_double) {
+    double* p = static_cast<double*>(counters.ptr[i]);
+    *p = *p + 1.0;
+  } else {
+    float* p = static_cast<float*>(counters.ptr[i]);
+    *p = *p + 1.0f;
+  }
+}
+
+void bump_device_steps(ListArg steps, bool is_double, const float* found_inf,
+                       const Device& device) {
+  const cudaStream_t stream = current_stream(device.index());
+  StepCounters counters;
+  for (size_t begin = 0; begin < steps.size(); begin += StepCounters::kMax) {
+    const int n = static_cast<int>(
+        std::min<size_t>(StepCounters::kMax, steps.size() - begin));
+    for (int i = 0; i < n; ++i) counters.ptr[i] = steps[begin + i].mutable_data_ptr();
+    bump_steps_kernel<<<(n + kBlockSize - 1) / kBlockSize, kBlockSize, 0, stream>>>(
+        counters, n, is_double, found_inf);
+    SAM_FAST_CUDA_LAUNCH_CHECK();
+  }
+}
+#endif
+
+void restore_adamw_(ListArg params, ListArg backups, ListArg grads,
+                    ListArg exp_avgs, ListArg exp_avg_sqs,
+                    ListArg max_exp_avg_sqs, ListArg state_steps, double lr,
                     double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                     bool maximize, bool decoupled_weight_decay,
-                    const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
-              "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
-  TORCH_CHECK(state_steps.size() == params.size(), "restore_adamw_: state_steps has ",
-              state_steps.size(), " tensors but params has ", params.size());
-  TORCH_CHECK(params.size() > 0, "restore_adamw_: params is empty");
-  const at::Device device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+                    OptTensorArg grad_scale,
+                    OptTensorArg found_inf) {
+  SAM_FAST_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
+                 "restore_adamw_: amsgrad=True needs max_exp_avg_sqs");
+  SAM_FAST_CHECK(state_steps.size() == params.size(), "restore_adamw_: state_steps has ",
+                 state_steps.size(), " tensors but params has ", params.size());
+  SAM_FAST_CHECK(params.size() > 0, "restore_adamw_: params is empty");
+  const Device device = params[0].device();
+  const DeviceGuard guard(device);
   const bool host = steps_on_host(state_steps, device);
-  std::optional<at::Tensor> fi = optional_scalar_on(found_inf, device, "found_inf");
+  std::optional<Tensor> fi = optional_scalar_on(found_inf, device, "found_inf");
   if (host && fi.has_value()) {
     // Host counters cannot be bumped conditionally without reading the flag:
     // the one host sync, as in torch_ops and GradScaler's default path.
     // Adam(capturable=True) keeps the counters on the device and avoids it.
-    if (fi->item<float>() != 0.0f) {
+    if (item<float>(*fi) != 0.0f) {
       restore_(params, backups);
       return;
     }
@@ -579,7 +624,7 @@ void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorLis
                    {"grads", grads, true, false},
                    {"exp_avgs", exp_avgs, true, true},
                    {"exp_avg_sqs", exp_avg_sqs, true, true},
-                   {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList(), true, true}},
+                   {"max_exp_avg_sqs", amsgrad ? TensorList(max_exp_avg_sqs) : TensorList(), true, true}},
                   "restore_adamw_");
   if (!lists.empty()) check_storage_dtype(lists.dtype(), "restore_adamw_");
 
@@ -589,24 +634,28 @@ void restore_adamw_(at::TensorList params, at::TensorList backups, at::TensorLis
     const auto scalars = bump_host_steps(state_steps, lists, lr, beta1, beta2);
     for (size_t j = 0; j < lists.size(); ++j) extras[j] = {nullptr, scalars[j]};
   } else {
-    const at::ScalarType step_dtype = state_steps[0].scalar_type();
-    TORCH_CHECK(step_dtype == at::kFloat || step_dtype == at::kDouble,
-                "restore_adamw_: Adam's step counters are float32 or float64, got ", step_dtype);
+    const ScalarType step_dtype = state_steps[0].scalar_type();
+    SAM_FAST_CHECK(step_dtype == kFloat || step_dtype == kDouble,
+                   "restore_adamw_: Adam's step counters are float32 or float64, got ", step_dtype);
     for (size_t i = 0; i < state_steps.size(); ++i) {
-      TORCH_CHECK(state_steps[i].scalar_type() == step_dtype && state_steps[i].numel() == 1,
-                  "restore_adamw_: state_steps[", i, "] must be a one-element ", step_dtype,
-                  " tensor like state_steps[0]");
+      SAM_FAST_CHECK(state_steps[i].scalar_type() == step_dtype && state_steps[i].numel() == 1,
+                     "restore_adamw_: state_steps[", i, "] must be a one-element ", step_dtype,
+                     " tensor like state_steps[0]");
     }
-    step_is_double = step_dtype == at::kDouble;
+    step_is_double = step_dtype == kDouble;
     // Bump first (a separate launch, so every block of the update reads the
     // new count); where found_inf is set the counters stay.
+#ifdef SAM_FAST_STABLE
+    bump_device_steps(state_steps, step_is_double, scalar_ptr(fi), device);
+#else
     if (fi.has_value()) {
       at::_foreach_add_(state_steps, fi->eq(0).to(step_dtype));
     } else {
       at::_foreach_add_(state_steps, 1);
     }
+#endif
     for (size_t j = 0; j < lists.size(); ++j) {
-      extras[j] = {state_steps[lists.index(j)].data_ptr(), {}};
+      extras[j] = {state_steps[lists.index(j)].mutable_data_ptr(), {}};
     }
   }
   if (lists.empty()) return;
@@ -645,22 +694,22 @@ struct SampaPointsOp {
   }
 };
 
-void sampa_points_(at::TensorList params, at::TensorList grads_y, at::TensorList momentum_buffers,
-                   at::TensorList backups, at::TensorList ys, const at::Tensor& sumsq, double rho,
+void sampa_points_(ListArg params, ListArg grads_y, ListArg momentum_buffers,
+                   ListArg backups, ListArg ys, const Tensor& sumsq, double rho,
                    double eps, double lr, double momentum, double dampening, double weight_decay,
                    bool nesterov, bool maximize, bool init_buffers) {
   const bool reads_buffers = momentum != 0.0 && !init_buffers;
-  TORCH_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
-              "sampa_points_: momentum != 0 needs momentum_buffers");
+  SAM_FAST_CHECK(!reads_buffers || momentum_buffers.size() == params.size(),
+                 "sampa_points_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, true, true},
                    {"grads_y", grads_y, true, false},
-                   {"momentum_buffers", reads_buffers ? momentum_buffers : at::TensorList(), true,
+                   {"momentum_buffers", reads_buffers ? TensorList(momentum_buffers) : TensorList(), true,
                     false},
                    {"backups", backups, false, true},
                    {"ys", ys, false, true}},
                   "sampa_points_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const DeviceScale s =
       device_scale(sumsq, std::nullopt, lists.device(), rho, eps, /*normalize=*/true);
   const SampaPointsOp op{make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov,
@@ -697,22 +746,22 @@ struct SampaUpdateOp {
   }
 };
 
-void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList grads_tilde,
-                   at::TensorList grads_y, at::TensorList momentum_buffers, double lam, double lr,
+void sampa_update_(ListArg params, ListArg backups, ListArg grads_tilde,
+                   ListArg grads_y, ListArg momentum_buffers, double lam, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov,
                    bool maximize, bool init_buffers) {
   const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
-              "sampa_update_: momentum != 0 needs momentum_buffers");
+  SAM_FAST_CHECK(!has_momentum || momentum_buffers.size() == params.size(),
+                 "sampa_update_: momentum != 0 needs momentum_buffers");
   FlatLists lists({{"params", params, false, true},
                    {"backups", backups, true, false},
                    {"grads_tilde", grads_tilde, true, false},
                    {"grads_y", grads_y, true, false},
-                   {"momentum_buffers", has_momentum ? momentum_buffers : at::TensorList(),
+                   {"momentum_buffers", has_momentum ? TensorList(momentum_buffers) : TensorList(),
                     !init_buffers, true}},
                   "sampa_update_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const SampaUpdateOp op{make_sgd_coeffs(lr, momentum, dampening, weight_decay, nesterov,
                                          maximize, init_buffers),
                          static_cast<float>(1.0 - lam), static_cast<float>(lam)};
@@ -733,28 +782,28 @@ void sampa_update_(at::TensorList params, at::TensorList backups, at::TensorList
 
 // Calls f(T{}) for the group's storage dtype: fp32, fp16, bf16 or fp64.
 template <typename F>
-void dispatch_family(at::ScalarType dtype, const char* op, const F& f) {
+void dispatch_family(ScalarType dtype, const char* op, const F& f) {
   switch (dtype) {
-    case at::kFloat:
+    case kFloat:
       f(float{});
       break;
-    case at::kHalf:
-      f(at::Half{});
+    case kHalf:
+      f(Half{});
       break;
-    case at::kBFloat16:
-      f(at::BFloat16{});
+    case kBFloat16:
+      f(BFloat16{});
       break;
-    case at::kDouble:
+    case kDouble:
       f(double{});
       break;
     default:
-      TORCH_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
-                  "got ", dtype);
+      SAM_FAST_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
+                     "got ", dtype);
   }
 }
 
-at::ScalarType family_math_dtype(at::ScalarType storage) {
-  return storage == at::kDouble ? at::kDouble : at::kFloat;
+ScalarType family_math_dtype(ScalarType storage) {
+  return storage == kDouble ? kDouble : kFloat;
 }
 
 __device__ __forceinline__ float quiet_nan(float) { return __int_as_float(0x7fc00000); }
@@ -881,37 +930,39 @@ int64_t total_blocks(const FlatLists& lists) {
   return blocks;
 }
 
-void check_same_length(at::TensorList first, at::TensorList second, const char* op,
+void check_same_length(ListArg first, ListArg second, const char* op,
                        const char* first_name, const char* second_name) {
-  TORCH_CHECK(second.size() == first.size(), op, ": ", second_name, " has ", second.size(),
-              " tensors but ", first_name, " has ", first.size());
+  SAM_FAST_CHECK(second.size() == first.size(), op, ": ", second_name, " has ", second.size(),
+                 " tensors but ", first_name, " has ", first.size());
 }
 
-at::Tensor dot_sumsq(at::TensorList a, at::TensorList b) {
-  TORCH_CHECK(!a.empty(), "dot_sumsq needs at least one tensor");
+Tensor dot_sumsq(ListArg a, ListArg b) {
+  SAM_FAST_CHECK(!a.empty(), "dot_sumsq needs at least one tensor");
   check_same_length(a, b, "dot_sumsq", "a", "b");
   FlatLists lists({{"a", a, true, false}, {"b", b, true, false}}, "dot_sumsq");
-  const c10::cuda::CUDAGuard guard(lists.device());
-  const auto options = a[0].options().dtype(family_math_dtype(lists.dtype()));
-  at::Tensor out = at::empty({3}, options);
+  const DeviceGuard guard(lists.device());
+  const ScalarType math = family_math_dtype(lists.dtype());
+  const Device device = a[0].device();
+  Tensor out = empty_1d(3, math, device);
   const int64_t blocks = total_blocks(lists);
-  at::Tensor partials = at::empty({3 * (blocks > 0 ? blocks : 1)}, options);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Tensor partials = empty_1d(3 * (blocks > 0 ? blocks : 1), math, device);
+  const cudaStream_t stream = current_stream(device.index());
   dispatch_family(lists.dtype(), "dot_sumsq", [&](auto tag) {
     using T = decltype(tag);
     using Acc = math_t<T>;
-    const PartialsArgs<Acc> args{partials.data_ptr<Acc>(), blocks, 0};
+    const PartialsArgs<Acc> args{partials.mutable_data_ptr<Acc>(), blocks, 0};
     multi_tensor_apply<2, NoExtra>(
         lists.device().index(), list_pointers<2>(lists), lists.numels().data(), lists.size(),
         static_cast<const NoExtra*>(nullptr), [&](const auto& meta, int nb, int64_t first) {
           PartialsArgs<Acc> launch_args = args;
           launch_args.first_block = first;
           dot_sumsq_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, launch_args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          SAM_FAST_CUDA_LAUNCH_CHECK();
         });
     family_sums_kernel<Acc><<<3, kBlockSize, 0, stream>>>(
-        partials.data_ptr<Acc>(), blocks, out.data_ptr<Acc>(), DeviceFlag{nullptr, nullptr});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        partials.mutable_data_ptr<Acc>(), blocks, out.mutable_data_ptr<Acc>(),
+        DeviceFlag{nullptr, nullptr});
+    SAM_FAST_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
@@ -938,21 +989,21 @@ struct CombineOp {
   }
 };
 
-void combine_(at::TensorList a, at::TensorList b, const at::Tensor& coef) {
+void combine_(ListArg a, ListArg b, const Tensor& coef) {
   check_same_length(a, b, "combine_", "a", "b");
-  TORCH_CHECK(coef.numel() == 2, "combine_: coef must hold two elements, got shape ",
-              coef.sizes());
+  SAM_FAST_CHECK(coef.numel() == 2, "combine_: coef must hold two elements, got shape ",
+                 shape_str(coef));
   FlatLists lists({{"a", a, true, true}, {"b", b, true, false}}, "combine_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   // In the math dtype on the device, as torch_family does (coef.to(math)): no copy
   // when it is there already.
-  const at::Tensor c =
-      coef.to(lists.device(), family_math_dtype(lists.dtype())).contiguous();
+  const Tensor c =
+      contiguous_of(to_device(coef, lists.device(), family_math_dtype(lists.dtype())));
   dispatch_family(lists.dtype(), "combine_", [&](auto tag) {
     using T = decltype(tag);
     using Acc = math_t<T>;
-    launch_elementwise<2, T, NoExtra>(lists, nullptr, CombineOp<Acc>{c.data_ptr<Acc>()});
+    launch_elementwise<2, T, NoExtra>(lists, nullptr, CombineOp<Acc>{c.mutable_data_ptr<Acc>()});
   });
   lists.finish();
 }
@@ -1042,59 +1093,58 @@ __global__ void __launch_bounds__(kBlockSize)
 #endif
 #endif
 
-at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, double sigma,
-                         bool updated, const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& skip) {
-  TORCH_CHECK(!m.empty(), "ema_residual_ needs at least one tensor");
+Tensor ema_residual_(ListArg m, ListArg g, double decay, double sigma,
+                         bool updated, OptTensorArg grad_scale,
+                         OptTensorArg skip) {
+  SAM_FAST_CHECK(!m.empty(), "ema_residual_ needs at least one tensor");
   check_same_length(m, g, "ema_residual_", "m", "g");
   FlatLists lists({{"m", m, true, true}, {"g", g, true, true}}, "ema_residual_");
-  const c10::cuda::CUDAGuard guard(lists.device());
-  const at::Device device = lists.device();
-  const at::ScalarType math = family_math_dtype(lists.dtype());
-  const auto options = m[0].options().dtype(math);
+  const DeviceGuard guard(lists.device());
+  const Device device = lists.device();
+  const ScalarType math = family_math_dtype(lists.dtype());
   // Device copies of the scalars (none where they are there already), alive for the launches.
-  std::optional<at::Tensor> gs;
+  std::optional<Tensor> gs;
   if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
-                grad_scale->sizes());
-    gs = grad_scale->to(device, math);
+    SAM_FAST_CHECK(grad_scale->numel() == 1, "grad_scale must hold one element, got shape ",
+                   shape_str(*grad_scale));
+    gs = to_device(*grad_scale, device, math);
   }
-  std::optional<at::Tensor> flag;
+  std::optional<Tensor> flag;
   DeviceFlag skip_flag{nullptr, nullptr};
   if (skip.has_value()) {
-    TORCH_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", skip->sizes());
-    if (skip->scalar_type() == at::kFloat) {
-      flag = skip->to(device);
-      skip_flag.f = flag->data_ptr<float>();
+    SAM_FAST_CHECK(skip->numel() == 1, "skip must hold one element, got shape ", shape_str(*skip));
+    if (skip->scalar_type() == kFloat) {
+      flag = to_device(*skip, device, kFloat);
+      skip_flag.f = flag->mutable_data_ptr<float>();
     } else {
-      flag = skip->to(device, at::kDouble);
-      skip_flag.d = flag->data_ptr<double>();
+      flag = to_device(*skip, device, kDouble);
+      skip_flag.d = flag->mutable_data_ptr<double>();
     }
   }
-  at::Tensor out = at::empty({}, options);
+  Tensor out = empty_scalar(math, m[0].device());
   const int64_t blocks = total_blocks(lists);
-  at::Tensor partials = at::empty({blocks > 0 ? blocks : 1}, options);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Tensor partials = empty_1d(blocks > 0 ? blocks : 1, math, m[0].device());
+  const cudaStream_t stream = current_stream(device.index());
   dispatch_family(lists.dtype(), "ema_residual_", [&](auto tag) {
     using T = decltype(tag);
     using Acc = math_t<T>;
     const EmaArgs<Acc> args{
         {static_cast<Acc>(decay), static_cast<Acc>(1.0 - decay), static_cast<Acc>(sigma), Acc(1),
          updated},
-        gs.has_value() ? gs->data_ptr<Acc>() : nullptr,
+        gs.has_value() ? gs->mutable_data_ptr<Acc>() : nullptr,
         skip_flag,
-        {partials.data_ptr<Acc>(), blocks, 0}};
+        {partials.mutable_data_ptr<Acc>(), blocks, 0}};
     multi_tensor_apply<2, NoExtra>(
         device.index(), list_pointers<2>(lists), lists.numels().data(), lists.size(),
         static_cast<const NoExtra*>(nullptr), [&](const auto& meta, int nb, int64_t first) {
           EmaArgs<Acc> launch_args = args;
           launch_args.out.first_block = first;
           ema_residual_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, launch_args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          SAM_FAST_CUDA_LAUNCH_CHECK();
         });
-    family_sums_kernel<Acc><<<1, kBlockSize, 0, stream>>>(partials.data_ptr<Acc>(), blocks,
-                                                         out.data_ptr<Acc>(), skip_flag);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    family_sums_kernel<Acc><<<1, kBlockSize, 0, stream>>>(partials.mutable_data_ptr<Acc>(), blocks,
+                                                         out.mutable_data_ptr<Acc>(), skip_flag);
+    SAM_FAST_CUDA_LAUNCH_CHECK();
   });
   lists.finish();
   return out;
@@ -1115,7 +1165,7 @@ at::Tensor ema_residual_(at::TensorList m, at::TensorList g, double decay, doubl
 
 // Checked before any early return, as on the CPU: a group of only empty
 // tensors of another dtype is refused too.
-void check_bsam_dtype(at::ScalarType dtype, const char* op) {
+void check_bsam_dtype(ScalarType dtype, const char* op) {
   dispatch_family(dtype, op, [](auto) {});
 }
 
@@ -1190,20 +1240,20 @@ __global__ void __launch_bounds__(kBlockSize)
 #endif
 #endif
 
-void bsam_noise_(at::TensorList params, at::TensorList backups, at::TensorList noise,
-                 at::TensorList s, double num_data) {
+void bsam_noise_(ListArg params, ListArg backups, ListArg noise,
+                 ListArg s, double num_data) {
   check_same_length(params, backups, "bsam_noise_", "params", "backups");
   check_same_length(params, noise, "bsam_noise_", "params", "noise");
   check_same_length(params, s, "bsam_noise_", "params", "s");
   FlatLists lists({{"params", params, true, true},
                    {"backups", backups, false, true},
-                   {"noise", noise, true, false, at::kFloat},
+                   {"noise", noise, true, false, kFloat},
                    {"s", s, true, false}},
                   "bsam_noise_");
   check_bsam_dtype(lists.dtype(), "bsam_noise_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(lists.device());
+  const cudaStream_t stream = current_stream(lists.device().index());
   dispatch_family(lists.dtype(), "bsam_noise_", [&](auto tag) {
     using T = decltype(tag);
     using Acc = math_t<T>;
@@ -1212,7 +1262,7 @@ void bsam_noise_(at::TensorList params, at::TensorList backups, at::TensorList n
         lists.device().index(), list_pointers<4>(lists), lists.numels().data(), lists.size(),
         static_cast<const NoExtra*>(nullptr), [&](const auto& meta, int nb, int64_t) {
           bsam_noise_kernel<T><<<nb, kBlockSize, 0, stream>>>(meta, args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          SAM_FAST_CUDA_LAUNCH_CHECK();
         });
   });
   lists.finish();
@@ -1240,31 +1290,31 @@ struct BsamCtx {
 // any other dtype as fp64), alive for the launches; none where they are
 // there already.
 struct BsamDeviceScalars {
-  std::optional<at::Tensor> grad_scale;
-  std::optional<at::Tensor> skip;
+  std::optional<Tensor> grad_scale;
+  std::optional<Tensor> skip;
   DeviceFlag flag{nullptr, nullptr};
 
-  BsamDeviceScalars(const std::optional<at::Tensor>& gs, const std::optional<at::Tensor>& sk,
-                    at::Device device, at::ScalarType math) {
+  BsamDeviceScalars(OptTensorArg gs, OptTensorArg sk,
+                    Device device, ScalarType math) {
     if (gs.has_value()) {
-      TORCH_CHECK(gs->numel() == 1, "grad_scale must hold one element, got shape ", gs->sizes());
-      grad_scale = gs->to(device, math);
+      SAM_FAST_CHECK(gs->numel() == 1, "grad_scale must hold one element, got shape ", shape_str(*gs));
+      grad_scale = to_device(*gs, device, math);
     }
     if (sk.has_value()) {
-      TORCH_CHECK(sk->numel() == 1, "skip must hold one element, got shape ", sk->sizes());
-      if (sk->scalar_type() == at::kFloat) {
-        skip = sk->to(device);
-        flag.f = skip->data_ptr<float>();
+      SAM_FAST_CHECK(sk->numel() == 1, "skip must hold one element, got shape ", shape_str(*sk));
+      if (sk->scalar_type() == kFloat) {
+        skip = to_device(*sk, device, kFloat);
+        flag.f = skip->mutable_data_ptr<float>();
       } else {
-        skip = sk->to(device, at::kDouble);
-        flag.d = skip->data_ptr<double>();
+        skip = to_device(*sk, device, kDouble);
+        flag.d = skip->mutable_data_ptr<double>();
       }
     }
   }
 
   template <typename Acc>
   BsamScalars<Acc> args() const {
-    return {grad_scale.has_value() ? grad_scale->data_ptr<Acc>() : nullptr, flag};
+    return {grad_scale.has_value() ? grad_scale->mutable_data_ptr<Acc>() : nullptr, flag};
   }
 };
 
@@ -1296,10 +1346,10 @@ struct BsamAscentOp {
   }
 };
 
-void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                  at::TensorList s, at::TensorList gs, double rho,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& skip) {
+void bsam_ascent_(ListArg params, ListArg backups, ListArg grads,
+                  ListArg s, ListArg gs, double rho,
+                  OptTensorArg grad_scale,
+                  OptTensorArg skip) {
   check_same_length(params, backups, "bsam_ascent_", "params", "backups");
   check_same_length(params, grads, "bsam_ascent_", "params", "grads");
   check_same_length(params, s, "bsam_ascent_", "params", "s");
@@ -1312,7 +1362,7 @@ void bsam_ascent_(at::TensorList params, at::TensorList backups, at::TensorList 
                   "bsam_ascent_");
   check_bsam_dtype(lists.dtype(), "bsam_ascent_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const BsamDeviceScalars scalars(grad_scale, skip, lists.device(),
                                   family_math_dtype(lists.dtype()));
   dispatch_family(lists.dtype(), "bsam_ascent_", [&](auto tag) {
@@ -1359,11 +1409,11 @@ struct BsamUpdateOp {
   }
 };
 
-void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                  at::TensorList m, at::TensorList s, at::TensorList gs, double lr,
+void bsam_update_(ListArg params, ListArg backups, ListArg grads,
+                  ListArg m, ListArg s, ListArg gs, double lr,
                   double beta1, double beta2, double weight_decay, double damping, bool new_s,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& skip) {
+                  OptTensorArg grad_scale,
+                  OptTensorArg skip) {
   check_same_length(params, backups, "bsam_update_", "params", "backups");
   check_same_length(params, grads, "bsam_update_", "params", "grads");
   check_same_length(params, m, "bsam_update_", "params", "m");
@@ -1378,7 +1428,7 @@ void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList 
                   "bsam_update_");
   check_bsam_dtype(lists.dtype(), "bsam_update_");
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const BsamDeviceScalars scalars(grad_scale, skip, lists.device(),
                                   family_math_dtype(lists.dtype()));
   dispatch_family(lists.dtype(), "bsam_update_", [&](auto tag) {
@@ -1401,20 +1451,29 @@ void bsam_update_(at::TensorList params, at::TensorList backups, at::TensorList 
 
 }  // namespace
 
+// The same kernels in either build: TORCH_BOX adapts them to the stable ABI's boxed
+// calling convention. The portable library only adds CUDA kernels: the schemas are
+// sam_fast._C_stable's (and family_ops.py's, bsam_ops.py's).
+#ifdef SAM_FAST_STABLE
+#define SAM_FAST_KERNEL(fn) TORCH_BOX(&fn)
+STABLE_TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
+#else
+#define SAM_FAST_KERNEL(fn) &fn
 TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
-  m.impl("grad_sumsq", &grad_sumsq);
-  m.impl("perturb_", &perturb_);
-  m.impl("restore_", &restore_);
-  m.impl("restore_sgd_", &restore_sgd_);
-  m.impl("restore_adamw_", &restore_adamw_);
-  m.impl("sampa_points_", &sampa_points_);
-  m.impl("sampa_update_", &sampa_update_);
-  m.impl("dot_sumsq", &dot_sumsq);
-  m.impl("combine_", &combine_);
-  m.impl("ema_residual_", &ema_residual_);
-  m.impl("bsam_noise_", &bsam_noise_);
-  m.impl("bsam_ascent_", &bsam_ascent_);
-  m.impl("bsam_update_", &bsam_update_);
+#endif
+  m.impl("grad_sumsq", SAM_FAST_KERNEL(grad_sumsq));
+  m.impl("perturb_", SAM_FAST_KERNEL(perturb_));
+  m.impl("restore_", SAM_FAST_KERNEL(restore_));
+  m.impl("restore_sgd_", SAM_FAST_KERNEL(restore_sgd_));
+  m.impl("restore_adamw_", SAM_FAST_KERNEL(restore_adamw_));
+  m.impl("sampa_points_", SAM_FAST_KERNEL(sampa_points_));
+  m.impl("sampa_update_", SAM_FAST_KERNEL(sampa_update_));
+  m.impl("dot_sumsq", SAM_FAST_KERNEL(dot_sumsq));
+  m.impl("combine_", SAM_FAST_KERNEL(combine_));
+  m.impl("ema_residual_", SAM_FAST_KERNEL(ema_residual_));
+  m.impl("bsam_noise_", SAM_FAST_KERNEL(bsam_noise_));
+  m.impl("bsam_ascent_", SAM_FAST_KERNEL(bsam_ascent_));
+  m.impl("bsam_update_", SAM_FAST_KERNEL(bsam_update_));
 }
 
 }  // namespace sam_fast::cuda
