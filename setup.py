@@ -228,7 +228,7 @@ def _portable_cuda_extension(cpp_extension, cxx: list[str], nvcc: list[str]):
     libtorch_cuda for the stable ABI's C shims (the current CUDA stream and the launch
     check are libtorch_cuda's) and the CUDA runtime statically, hidden: the libcudart
     of the torch it is loaded in is 12.x or 13.x depending on the torch build, a
-    static runtime needs only the driver (docs/portable_cuda.md)."""
+    static runtime needs only the driver (docs/extension.md, "The portable CUDA library")."""
     target = f"-DTORCH_TARGET_VERSION={STABLE_TARGET_MACRO}"
     flags = cxx + ["-fvisibility=hidden", target]
     nvcc_flags = nvcc + [target, "-Xcompiler=-fvisibility=hidden"]

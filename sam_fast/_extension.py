@@ -12,7 +12,7 @@ turns that off. Every reason a backend cannot run is kept as a sentence, for
 into an ImportError of ``sam_fast`` instead of a fallback.
 
 The portable build's CUDA kernels are a library of their own,
-``sam_fast._C_stable_cuda`` (docs/portable_cuda.md), loaded after
+``sam_fast._C_stable_cuda`` (docs/extension.md, "The portable CUDA library"), loaded after
 ``sam_fast._C_stable`` when torch is a CUDA build; when it cannot load, the cuda
 backend is unavailable with the reason and the cpu one is unaffected.
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-# The ptxas resource table of scripts/build_cuda_check, as a script of its own for
-# scripts/portable_wheel_check (the same parsing; build_cuda_check keeps its inline copy).
+# The ptxas resource table of a build log (scripts/build_cuda_check and
+# scripts/portable_wheel_check: ptxas -v's output through pip wheel -v).
 # Usage: ptxas_report.py BUILD_LOG; exit 1 on any spill, stack frame or local memory.
 """ptxas -v's report as a table; exit 1 on any spill or local memory."""
 import re
@@ -36,7 +36,7 @@ for line in lines:
         local = [int(x) for x in re.findall(r"(\d+) bytes (?:lmem|cumulative stack size)", rest)]
         entries[current].update(regs=int(m.group(1)), local=max(local, default=0))
 if not entries:
-    sys.exit("build_cuda_check: no ptxas resource report in the build log "
+    sys.exit("ptxas_report: no ptxas resource report in the build log "
              "(was -Xptxas=-v passed? see SAM_FAST_PTXAS_VERBOSE in setup.py)")
 
 names = [name for name, _ in entries]
@@ -81,6 +81,6 @@ for fname, (stack, st, ld) in functions.items():
         bad.append(f"called function {fname}: {stack} bytes stack, {st}/{ld} spill st/ld")
 print(f"{len(rows)} kernels (4K/32K: kernel parameter metadata size); bytes per thread")
 if bad:
-    print("build_cuda_check: spills or local memory in:\n  " + "\n  ".join(bad),
+    print("ptxas_report: spills or local memory in:\n  " + "\n  ".join(bad),
           file=sys.stderr)
     sys.exit(1)

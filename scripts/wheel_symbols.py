@@ -5,7 +5,7 @@
   ``at::``, ``torch::``, ``caffe2``): only the stable ABI's C shims (``aoti_torch_*``,
   ``torch_*``), the limited Python API and the C/C++ runtime; and must not link
   ``libtorch_python``.
-- ``sam_fast/_C_stable_cuda*.so`` (the portable CUDA kernels, docs/portable_cuda.md)
+- ``sam_fast/_C_stable_cuda*.so`` (the portable CUDA kernels, docs/extension.md, "The portable CUDA library")
   obeys the same rules, and also must not link ``libcudart`` or ``libc10_cuda``
   dynamically nor export any CUDA runtime symbol (its runtime is linked statically and
   hidden: the torch it is loaded in may carry another CUDA's libcudart); its CUDA code

@@ -180,7 +180,7 @@ def test_a_bad_abi_choice_is_a_clear_error():
     assert "SAM_FAST_ABI='portable'; expected one of ('auto', 'matched', 'stable')" in done.stderr
 
 
-# The portable CUDA kernels (sam_fast._C_stable_cuda, docs/portable_cuda.md): the same
+# The portable CUDA kernels (sam_fast._C_stable_cuda, docs/extension.md, "The portable CUDA library"): the same
 # source as the matched library's, so the same bits; run on a lent GPU only.
 _CUDA_STEPS = """
     import json, sys, torch
