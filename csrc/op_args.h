@@ -298,4 +298,33 @@ inline bool steps_on_host(TensorList steps, Device device) {
   return host;
 }
 
+// The SAM family's and BSAM's ops (family.h, bsam.h): calls f(T{}) for the group's
+// storage dtype, fp32, fp16, bf16 or fp64 (these ops take fp64 storage too).
+template <typename F>
+void dispatch_family(ScalarType dtype, const char* op, const F& f) {
+  switch (dtype) {
+    case kFloat:
+      f(float{});
+      break;
+    case kHalf:
+      f(Half{});
+      break;
+    case kBFloat16:
+      f(BFloat16{});
+      break;
+    case kDouble:
+      f(double{});
+      break;
+    default:
+      SAM_FAST_CHECK(false, op,
+                     ": the kernels take float32, float16, bfloat16 and float64 tensors, got ",
+                     dtype);
+  }
+}
+
+// Their math dtype: fp64 for fp64 storage, else fp32 (as torch_family.py computes).
+inline ScalarType family_math_dtype(ScalarType storage) {
+  return storage == kDouble ? kDouble : kFloat;
+}
+
 }  // namespace sam_fast

@@ -523,33 +523,6 @@ void sampa_update_(ListArg params, ListArg backups, ListArg grads_tilde,
 // scalars only; the wrappers after them do the ATen work (checks, layouts,
 // scalars, the result tensor).
 
-// Calls f(T{}) for the group's storage dtype: fp32, fp16, bf16 or fp64.
-template <typename F>
-void dispatch_family(ScalarType dtype, const char* op, const F& f) {
-  switch (dtype) {
-    case kFloat:
-      f(float{});
-      break;
-    case kHalf:
-      f(Half{});
-      break;
-    case kBFloat16:
-      f(BFloat16{});
-      break;
-    case kDouble:
-      f(double{});
-      break;
-    default:
-      SAM_FAST_CHECK(false, op,
-                     ": the kernels take float32, float16, bfloat16 and float64 tensors, got ",
-                     dtype);
-  }
-}
-
-ScalarType family_math_dtype(ScalarType storage) {
-  return storage == kDouble ? kDouble : kFloat;
-}
-
 void check_family_dtype(ScalarType dtype, const char* op) {
   dispatch_family(dtype, op, [](auto) {});
 }
@@ -682,7 +655,8 @@ void combine_(ListArg a, ListArg b, const Tensor& coef) {
     using T = decltype(tag);
     using Acc = math_t<T>;
     // Rounded to the math dtype as torch_family does (coef.to(math)).
-    const Tensor c = contiguous_of(to_device(coef, cpu_device(), family_math_dtype(lists.dtype())));
+    const Tensor c =
+        contiguous_of(to_device(coef, cpu_device(), family_math_dtype(lists.dtype())));
     const Acc c0 = c.const_data_ptr<Acc>()[0];
     const Acc c1 = c.const_data_ptr<Acc>()[1];
     const auto chunks = chunks_of(lists);

@@ -780,32 +780,6 @@ void sampa_update_(ListArg params, ListArg backups, ListArg grads_tilde,
 // bodies see raw pointers and scalars only; the host wrappers after them do
 // the ATen work.
 
-// Calls f(T{}) for the group's storage dtype: fp32, fp16, bf16 or fp64.
-template <typename F>
-void dispatch_family(ScalarType dtype, const char* op, const F& f) {
-  switch (dtype) {
-    case kFloat:
-      f(float{});
-      break;
-    case kHalf:
-      f(Half{});
-      break;
-    case kBFloat16:
-      f(BFloat16{});
-      break;
-    case kDouble:
-      f(double{});
-      break;
-    default:
-      SAM_FAST_CHECK(false, op, ": the kernels take float32, float16, bfloat16 and float64 tensors, "
-                     "got ", dtype);
-  }
-}
-
-ScalarType family_math_dtype(ScalarType storage) {
-  return storage == kDouble ? kDouble : kFloat;
-}
-
 __device__ __forceinline__ float quiet_nan(float) { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ double quiet_nan(double) {
   return __longlong_as_double(0x7ff8000000000000LL);
