@@ -295,3 +295,30 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 }
 
 }  // namespace sam_fast
+
+// Every op's kernel for one dispatch key, registered alike by each library that has
+// kernels (ops_cpu.cpp, ops_cuda.cu; either build): TORCH_BOX adapts a kernel to the
+// stable ABI's boxed calling convention. Used as
+// SAM_FAST_LIBRARY_IMPL(CPU, m) { SAM_FAST_IMPL_EVERY_OP(m); } in the namespace of the
+// kernels (the matched build needs <torch/library.h> included there).
+#ifdef SAM_FAST_STABLE
+#define SAM_FAST_KERNEL(fn) TORCH_BOX(&fn)
+#define SAM_FAST_LIBRARY_IMPL(key, m) STABLE_TORCH_LIBRARY_IMPL(sam_fast, key, m)
+#else
+#define SAM_FAST_KERNEL(fn) &fn
+#define SAM_FAST_LIBRARY_IMPL(key, m) TORCH_LIBRARY_IMPL(sam_fast, key, m)
+#endif
+#define SAM_FAST_IMPL_EVERY_OP(m) \
+  m.impl("grad_sumsq", SAM_FAST_KERNEL(grad_sumsq)); \
+  m.impl("perturb_", SAM_FAST_KERNEL(perturb_)); \
+  m.impl("restore_", SAM_FAST_KERNEL(restore_)); \
+  m.impl("restore_sgd_", SAM_FAST_KERNEL(restore_sgd_)); \
+  m.impl("restore_adamw_", SAM_FAST_KERNEL(restore_adamw_)); \
+  m.impl("sampa_points_", SAM_FAST_KERNEL(sampa_points_)); \
+  m.impl("sampa_update_", SAM_FAST_KERNEL(sampa_update_)); \
+  m.impl("dot_sumsq", SAM_FAST_KERNEL(dot_sumsq)); \
+  m.impl("combine_", SAM_FAST_KERNEL(combine_)); \
+  m.impl("ema_residual_", SAM_FAST_KERNEL(ema_residual_)); \
+  m.impl("bsam_noise_", SAM_FAST_KERNEL(bsam_noise_)); \
+  m.impl("bsam_ascent_", SAM_FAST_KERNEL(bsam_ascent_)); \
+  m.impl("bsam_update_", SAM_FAST_KERNEL(bsam_update_))

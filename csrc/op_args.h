@@ -174,6 +174,23 @@ inline void check_storage_dtype(ScalarType dtype, const char* op) {
                  " (the Python backends hand float64 groups to the torch backend)");
 }
 
+// Calls f(T{}) for the storage dtype of a group of the section 3 ops (fp32, fp16, bf16).
+template <typename F>
+void dispatch_storage(ScalarType dtype, const char* op, const F& f) {
+  check_storage_dtype(dtype, op);
+  switch (dtype) {
+    case kFloat:
+      f(float{});
+      break;
+    case kHalf:
+      f(Half{});
+      break;
+    default:
+      f(BFloat16{});
+      break;
+  }
+}
+
 // A one-element device scalar (grad_scale, found_inf) as fp32 on `device`.
 // Already there in fp32 it is used as is: no copy, no host sync (and no view:
 // the kernels read the one element at its data pointer, whatever its shape).

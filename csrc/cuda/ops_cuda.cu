@@ -160,23 +160,6 @@ void launch_elementwise(const FlatLists& lists, const Extra* extras, const Op& o
       });
 }
 
-// Calls f(T{}) for the group's storage dtype.
-template <typename F>
-void dispatch_storage(ScalarType dtype, const char* op, const F& f) {
-  check_storage_dtype(dtype, op);
-  switch (dtype) {
-    case kFloat:
-      f(float{});
-      break;
-    case kHalf:
-      f(Half{});
-      break;
-    default:
-      f(BFloat16{});
-      break;
-  }
-}
-
 const float* scalar_ptr(OptTensorArg s) {
   return s.has_value() ? s->mutable_data_ptr<float>() : nullptr;
 }
@@ -1425,29 +1408,8 @@ void bsam_update_(ListArg params, ListArg backups, ListArg grads,
 
 }  // namespace
 
-// The same kernels in either build: TORCH_BOX adapts them to the stable ABI's boxed
-// calling convention. The portable library only adds CUDA kernels: the schemas are
-// sam_fast._C_stable's (and family_ops.py's, bsam_ops.py's).
-#ifdef SAM_FAST_STABLE
-#define SAM_FAST_KERNEL(fn) TORCH_BOX(&fn)
-STABLE_TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
-#else
-#define SAM_FAST_KERNEL(fn) &fn
-TORCH_LIBRARY_IMPL(sam_fast, CUDA, m) {
-#endif
-  m.impl("grad_sumsq", SAM_FAST_KERNEL(grad_sumsq));
-  m.impl("perturb_", SAM_FAST_KERNEL(perturb_));
-  m.impl("restore_", SAM_FAST_KERNEL(restore_));
-  m.impl("restore_sgd_", SAM_FAST_KERNEL(restore_sgd_));
-  m.impl("restore_adamw_", SAM_FAST_KERNEL(restore_adamw_));
-  m.impl("sampa_points_", SAM_FAST_KERNEL(sampa_points_));
-  m.impl("sampa_update_", SAM_FAST_KERNEL(sampa_update_));
-  m.impl("dot_sumsq", SAM_FAST_KERNEL(dot_sumsq));
-  m.impl("combine_", SAM_FAST_KERNEL(combine_));
-  m.impl("ema_residual_", SAM_FAST_KERNEL(ema_residual_));
-  m.impl("bsam_noise_", SAM_FAST_KERNEL(bsam_noise_));
-  m.impl("bsam_ascent_", SAM_FAST_KERNEL(bsam_ascent_));
-  m.impl("bsam_update_", SAM_FAST_KERNEL(bsam_update_));
-}
+// Every op's CUDA kernel, in either build (csrc/api.h). The portable library only adds
+// CUDA kernels: the schemas are sam_fast._C_stable's (and family_ops.py's, bsam_ops.py's).
+SAM_FAST_LIBRARY_IMPL(CUDA, m) { SAM_FAST_IMPL_EVERY_OP(m); }
 
 }  // namespace sam_fast::cuda
