@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import bsam_ops, dispatch, distributed, ops
-from .family import (_check_rng, _device_generator, _finite_float, _load_rng, _parse_rng,
-                     _rng_state)
+from .family import (_check_generator_devices, _check_rng, _device_generator, _finite_float,
+                     _group_params, _load_rng, _parse_rng, _rng_state)
 from .wrapper import BACKENDS, _eager
 
 __all__ = ["BSAM"]
@@ -153,13 +153,7 @@ class BSAM(Optimizer):
             (p for g in self.param_groups for p in g["params"]), "BSAM")
         for group in self.param_groups:
             _check_group(group)
-            for p in group["params"]:
-                ops.check_tensor(p, "parameter")
-                reason = dispatch.why_unavailable(backend, p.device.type) if (
-                    backend != "auto") else None
-                if reason is not None:
-                    raise RuntimeError(
-                        f"backend={backend!r} cannot serve parameters on {p.device}: {reason}")
+            _check_params(group["params"], backend)
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if generator is not None and {generator.device} != devices:
             raise ValueError(f"generator is on {generator.device}, the parameters on "
@@ -187,6 +181,26 @@ class BSAM(Optimizer):
 
     def _generator(self, device: torch.device) -> torch.Generator:
         return _device_generator(self._generators, self._seed, device, self.param_groups)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``Optimizer.add_param_group``, after the constructor's checks of the new group
+        (its options, its parameters, FSDP2 placements, a generator without a seed for a
+        device it is not on): a refused group leaves the optimizer as it was."""
+        if not hasattr(self, "_generators"):  # the constructor's own groups: checked there
+            return super().add_param_group(param_group)
+        param_group = _group_params(param_group)
+        params = param_group["params"]
+        sharded = distributed.check_drawable(params, "BSAM")
+        _check_params(params, self.backend)
+        _check_generator_devices(self._generators, self._seed, (p.device for p in params),
+                                 "BSAM")
+        super().add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1])  # its options, the defaults filled in
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._sharded = self._sharded or sharded
 
     def _layout(self) -> tuple[list[_Bucket], list[tuple[torch.device, Tensor]]]:
         """The buckets and the per-device fp32 noise buffers, built once per layout. For
@@ -417,6 +431,16 @@ def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
     if t is None or t.device == device:
         return t
     return t.to(device, non_blocking=True)
+
+
+def _check_params(params: Iterable[Tensor], backend: str) -> None:
+    """Parameters BSAM can update with ``backend``, checked before anything is written."""
+    for p in params:
+        ops.check_tensor(p, "parameter")
+        reason = dispatch.why_unavailable(backend, p.device.type) if backend != "auto" else None
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot serve parameters on {p.device}: "
+                               f"{reason}")
 
 
 def _check_group(group: dict) -> None:

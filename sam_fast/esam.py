@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import distributed, ops
-from .family import (_check_rng, _device_generator, _finite_float, _load_rng, _parse_rng,
-                     _rng_state)
+from .family import (_check_generator_devices, _check_rng, _device_generator, _finite_float,
+                     _group_params, _load_rng, _parse_rng, _rng_state)
 from .sam import SAM
 from .wrapper import _eager, check_group_options
 
@@ -59,6 +59,13 @@ def esam_select(loss_before: Tensor, loss_after: Tensor, gamma: float) -> Tensor
         return torch.arange(n, device=loss_before.device)
     rise = loss_after.detach() - loss_before.detach()
     return torch.sort(torch.topk(rise, k, sorted=False).indices).values
+
+
+_SDS_UNDER_FSDP2 = (
+    "ESAM with gamma < 1 (SDS) does not take FSDP2's sharded (DTensor) parameters: each "
+    "rank would keep the sharpest examples of its own part of the batch, not of the whole "
+    "batch, and weight them by its own count, so the step would not be one process's. SWP "
+    "(beta < 1, swp='element' or 'tensor') works under FSDP2")
 
 
 class ESAM(SAM):
@@ -143,11 +150,7 @@ class ESAM(SAM):
         self._sharded = distributed.check_drawable(
             (p for g in self.param_groups for p in g["params"]), "ESAM")
         if self._sharded and self.gamma < 1.0:
-            raise NotImplementedError(
-                "ESAM with gamma < 1 (SDS) does not take FSDP2's sharded (DTensor) parameters: "
-                "each rank would keep the sharpest examples of its own part of the batch, not "
-                "of the whole batch, and weight them by its own count, so the step would not "
-                "be one process's. SWP (beta < 1, swp='element' or 'tensor') works under FSDP2")
+            raise NotImplementedError(_SDS_UNDER_FSDP2)
         self.swp = swp
         if generator is None and seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -165,6 +168,23 @@ class ESAM(SAM):
         self._rho_factor = 1.0 / self.beta  # SAM's perturbation times 1/beta
         self._masks: tuple[tuple, list] | None = None  # the element masks' layout cache
         self._counter["keep"] = None  # swp="tensor": the drawn-ahead selection
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``Optimizer.add_param_group``, after the constructor's checks of the new
+        parameters (FSDP2 placements, SDS under FSDP2, a generator without a seed for a
+        device it is not on): a refused group leaves the optimizer as it was."""
+        if not hasattr(self, "_generators"):  # the constructor's own groups: checked there
+            return super().add_param_group(param_group)
+        param_group = _group_params(param_group)
+        params = param_group["params"]
+        sharded = distributed.check_drawable(params, "ESAM")
+        if sharded and self.gamma < 1.0:
+            raise NotImplementedError(_SDS_UNDER_FSDP2)
+        if self.swp == "element":  # swp="tensor" draws on the host
+            _check_generator_devices(self._generators, self._seed, (p.device for p in params),
+                                     "ESAM")
+        super().add_param_group(param_group)
+        self._sharded = self._sharded or sharded
 
     # -- random numbers -------------------------------------------------------------------
 

@@ -47,6 +47,28 @@ def _finite_float(value: Any, name: str, lo: float | None = None, hi: float | No
     return value
 
 
+def _group_params(param_group: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``param_group`` whose ``params`` is a list (as
+    ``Optimizer.add_param_group`` makes it), so the parameters can be checked before the
+    group is added without consuming an iterator."""
+    params = param_group["params"]
+    return dict(param_group, params=[params] if isinstance(params, Tensor) else list(params))
+
+
+def _check_generator_devices(generators: dict[torch.device, torch.Generator], seed: Any,
+                             devices: Iterable[torch.device], who: str) -> None:
+    """ESAM's and BSAM's draws on parameters added later: with a ``generator=`` and no
+    seed there is no seed to make a generator for a device it is not on."""
+    if seed is not None:
+        return
+    missing = sorted({str(d) for d in devices} - {str(d) for d in generators})
+    if missing:
+        raise ValueError(f"{who} was given one torch.Generator (on "
+                         f"{', '.join(sorted(map(str, generators)))}) and no seed, so it cannot "
+                         f"draw on {', '.join(missing)}: pass seed= instead to add parameters "
+                         "there")
+
+
 def _check_rng(seed: Any, generator: Any) -> None:
     """The random-draw options of ESAM and BSAM: an int ``seed`` or a ``torch.Generator``,
     not both."""

@@ -400,3 +400,34 @@ def test_it_trains():
     sgd_acc = torch.tensor([a for *_, a in sgd])
     ours_acc = torch.tensor([a for *_, a in ours])
     assert ours_acc.mean() >= sgd_acc.mean() - 2 * sgd_acc.std(), (ours, sgd)
+
+
+def test_add_param_group_is_checked_and_equals_the_group_given_up_front():
+    """A group added later is checked as the constructor checks its groups, before it is
+    added (a refused one leaves the optimizer as it was), and then steps exactly as the
+    same group given to the constructor."""
+    a, b = small_cnn(0, torch.float64), small_cnn(0, torch.float64)
+    head_a, rest_a = list(a.parameters())[-2:], list(a.parameters())[:-2]
+    head_b, rest_b = list(b.parameters())[-2:], list(b.parameters())[:-2]
+    up_front = BSAM([{"params": rest_a}, {"params": head_a, "lr": 0.02}], num_data=N,
+                    seed=SEED, **KW)
+    later = BSAM(rest_b, num_data=N, seed=SEED, **KW)
+    for bad, match in (({"lr": -1.0}, "lr"), ({"betas": (0.9,)}, "betas"),
+                       ({"rho": float("nan")}, "rho")):
+        with pytest.raises(ValueError, match=match):
+            later.add_param_group(dict({"params": iter(head_b)}, **bad))
+        assert len(later.param_groups) == 1
+    later.add_param_group({"params": iter(head_b), "lr": 0.02})
+    data = batches(3, dtype=torch.float64)
+    run(a, up_front, data)
+    run(b, later, data)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_add_param_group_without_a_seed_for_a_new_device_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    opt = BSAM([nn.Parameter(torch.randn(4))], num_data=N, generator=gen, **KW)
+    with pytest.raises(ValueError, match="no seed, so it cannot draw on meta"):
+        opt.add_param_group({"params": [nn.Parameter(torch.empty(3, device="meta"))]})
+    assert len(opt.param_groups) == 1

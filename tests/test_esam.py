@@ -474,3 +474,26 @@ def test_it_trains(variant):
     sgd_acc = torch.tensor([a for *_, a in sgd])
     ours_acc = torch.tensor([a for *_, a in ours])
     assert ours_acc.mean() >= sgd_acc.mean() - 2 * sgd_acc.std(), (ours, sgd)
+
+
+def test_add_param_group_equals_the_group_given_up_front():
+    """A group added later steps exactly as the same group given to the constructor (the
+    masks drawn over the same parameters in the same order), and one ESAM cannot draw for
+    (a generator without a seed, another device) is refused before it is added."""
+    a, b = small_cnn(0, torch.float64), small_cnn(0, torch.float64)
+    pa, pb = list(a.parameters()), list(b.parameters())
+    kw = dict(rho=RHO, beta=BETA, gamma=GAMMA, seed=SEED, lr=0.05, momentum=0.9)
+    up_front = ESAM([{"params": pa[:-2]}, {"params": pa[-2:]}], torch.optim.SGD, **kw)
+    later = ESAM(pb[:-2], torch.optim.SGD, **kw)
+    later.add_param_group({"params": iter(pb[-2:])})
+    data = batches(3, dtype=torch.float64)
+    run(a, up_front, data)
+    run(b, later, data)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+    gen = torch.Generator().manual_seed(0)
+    opt = ESAM([nn.Parameter(torch.randn(4))], torch.optim.SGD, rho=RHO, beta=BETA,
+               generator=gen, lr=0.1)
+    with pytest.raises(ValueError, match="no seed, so it cannot draw on meta"):
+        opt.add_param_group({"params": [nn.Parameter(torch.empty(3, device="meta"))]})
+    assert len(opt.param_groups) == 1
