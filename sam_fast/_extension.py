@@ -75,31 +75,39 @@ def _release(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _built_portable_cuda() -> bool | None:
-    """Whether setup.py built sam_fast._C_stable_cuda here (None: _built.py predates it)."""
+def _built_module() -> ModuleType | None:
+    """sam_fast/_built.py: what setup.py last built here (None: an installation from
+    before the file existed)."""
     try:
-        built = importlib.import_module("sam_fast._built")
+        return importlib.import_module("sam_fast._built")
     except ImportError:
         return None
-    value = getattr(built, "PORTABLE_CUDA", None)
+
+
+def _built_portable_cuda() -> bool | None:
+    """Whether setup.py built sam_fast._C_stable_cuda here (None: _built.py predates it)."""
+    value = getattr(_built_module(), "PORTABLE_CUDA", None)
     return None if value is None else bool(value)
 
 
 def _built() -> tuple[str | None, bool | None]:
-    """What setup.py last built here (sam_fast/_built.py): the torch the version-matched
-    library was built for (None: not built) and whether the portable one was; (None,
-    None) when the file is missing (an installation from before it existed)."""
-    try:
-        built = importlib.import_module("sam_fast._built")
-    except ImportError:
+    """The torch the version-matched library was built for (None: not built) and whether
+    the portable one was; (None, None) without sam_fast/_built.py."""
+    built = _built_module()
+    if built is None:
         return None, None
     return getattr(built, "MATCHED_TORCH", None), bool(getattr(built, "PORTABLE", False))
+
+
+def _same_release(built: str) -> bool:
+    """``built`` (a torch version, local tag aside) is this torch."""
+    return built.split("+")[0] == torch.__version__.split("+")[0]
 
 
 def _load_matched(matched_torch: str | None) -> tuple[ModuleType | None, str | None]:
     # Decided before the import: a library imported is registered for good, and a
     # version-matched one loaded into another torch can crash rather than raise.
-    if matched_torch is not None and matched_torch.split("+")[0] != torch.__version__.split("+")[0]:
+    if matched_torch is not None and not _same_release(matched_torch):
         return None, (f"sam_fast._C was built for torch {matched_torch} but this is torch "
                       f"{torch.__version__}")
     try:
@@ -107,7 +115,7 @@ def _load_matched(matched_torch: str | None) -> tuple[ModuleType | None, str | N
     except ImportError as exc:
         return None, _explain_import_error(exc, "sam_fast._C")
     built = getattr(module, "torch_version", "")
-    if built and built.split("+")[0] != torch.__version__.split("+")[0]:
+    if built and not _same_release(built):
         return None, (f"sam_fast._C was built for torch {built} but this is torch "
                       f"{torch.__version__}; rebuild sam_fast")
     return module, None

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import bsam_ops, dispatch, distributed, ops
-from .family import (_check_generator_devices, _check_rng, _device_generator, _finite_float,
-                     _group_params, _load_rng, _parse_rng, _rng_state)
+from .family import (_added_group, _check_rng, _device_generator, _finite_float, _load_rng,
+                     _parse_rng, _rng_state)
 from .wrapper import BACKENDS, _eager
 
 __all__ = ["BSAM"]
@@ -188,12 +188,8 @@ class BSAM(Optimizer):
         device it is not on): a refused group leaves the optimizer as it was."""
         if not hasattr(self, "_generators"):  # the constructor's own groups: checked there
             return super().add_param_group(param_group)
-        param_group = _group_params(param_group)
-        params = param_group["params"]
-        sharded = distributed.check_drawable(params, "BSAM")
-        _check_params(params, self.backend)
-        _check_generator_devices(self._generators, self._seed, (p.device for p in params),
-                                 "BSAM")
+        param_group, sharded = _added_group(param_group, "BSAM", self._generators, self._seed)
+        _check_params(param_group["params"], self.backend)
         super().add_param_group(param_group)
         try:
             _check_group(self.param_groups[-1])  # its options, the defaults filled in

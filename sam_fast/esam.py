@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import distributed, ops
-from .family import (_check_generator_devices, _check_rng, _device_generator, _finite_float,
-                     _group_params, _load_rng, _parse_rng, _rng_state)
+from .family import (_added_group, _check_rng, _device_generator, _finite_float, _load_rng,
+                     _parse_rng, _rng_state)
 from .sam import SAM
 from .wrapper import _eager, check_group_options
 
@@ -175,14 +175,11 @@ class ESAM(SAM):
         device it is not on): a refused group leaves the optimizer as it was."""
         if not hasattr(self, "_generators"):  # the constructor's own groups: checked there
             return super().add_param_group(param_group)
-        param_group = _group_params(param_group)
-        params = param_group["params"]
-        sharded = distributed.check_drawable(params, "ESAM")
+        # swp="tensor" draws on the host, swp="element" on the parameters' devices.
+        param_group, sharded = _added_group(param_group, "ESAM", self._generators, self._seed,
+                                            draws_on_params=self.swp == "element")
         if sharded and self.gamma < 1.0:
             raise NotImplementedError(_SDS_UNDER_FSDP2)
-        if self.swp == "element":  # swp="tensor" draws on the host
-            _check_generator_devices(self._generators, self._seed, (p.device for p in params),
-                                     "ESAM")
         super().add_param_group(param_group)
         self._sharded = self._sharded or sharded
 

@@ -47,26 +47,27 @@ def _finite_float(value: Any, name: str, lo: float | None = None, hi: float | No
     return value
 
 
-def _group_params(param_group: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``param_group`` whose ``params`` is a list (as
-    ``Optimizer.add_param_group`` makes it), so the parameters can be checked before the
-    group is added without consuming an iterator."""
+def _added_group(param_group: dict[str, Any], who: str,
+                 generators: dict[torch.device, torch.Generator], seed: Any,
+                 draws_on_params: bool = True) -> tuple[dict[str, Any], bool]:
+    """ESAM's and BSAM's checks of a group given to ``add_param_group``, made before it is
+    added: its DTensor parameters' placements (:func:`distributed.check_drawable`) and,
+    where the draws are made on the parameters' devices, that there is a generator or a
+    seed for each. Returns a copy of the group whose ``params`` is a list (as
+    ``Optimizer.add_param_group`` makes it: an iterator is consumed once, here) and
+    whether any parameter is a DTensor."""
     params = param_group["params"]
-    return dict(param_group, params=[params] if isinstance(params, Tensor) else list(params))
-
-
-def _check_generator_devices(generators: dict[torch.device, torch.Generator], seed: Any,
-                             devices: Iterable[torch.device], who: str) -> None:
-    """ESAM's and BSAM's draws on parameters added later: with a ``generator=`` and no
-    seed there is no seed to make a generator for a device it is not on."""
-    if seed is not None:
-        return
-    missing = sorted({str(d) for d in devices} - {str(d) for d in generators})
+    param_group = dict(param_group,
+                       params=[params] if isinstance(params, Tensor) else list(params))
+    sharded = distributed.check_drawable(param_group["params"], who)
+    missing = sorted({str(p.device) for p in param_group["params"]}
+                     - {str(d) for d in generators}) if draws_on_params and seed is None else []
     if missing:
         raise ValueError(f"{who} was given one torch.Generator (on "
                          f"{', '.join(sorted(map(str, generators)))}) and no seed, so it cannot "
                          f"draw on {', '.join(missing)}: pass seed= instead to add parameters "
                          "there")
+    return param_group, sharded
 
 
 def _check_rng(seed: Any, generator: Any) -> None:
